@@ -7,6 +7,7 @@ healthy when there is none. ``rq_active`` is what LEAST_REQUEST compares.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from hashlib import blake2b as _blake2b
 
 
 class Host:
@@ -105,5 +106,3 @@ def stable_hash(data: bytes) -> int:
     """
     return int.from_bytes(_blake2b(data, digest_size=8).digest(), "little")
 
-
-from hashlib import blake2b as _blake2b  # noqa: E402  (kept beside its one use)

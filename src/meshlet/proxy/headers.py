@@ -31,8 +31,8 @@ class Headers:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __contains__(self, name: bytes) -> bool:
-        for k, _ in self.items:
+    def __contains__(self, name: bytes) -> bool:  # a plain loop: any() + genexpr is 2x slower
+        for k, _ in self.items:  # noqa: SIM110
             if k == name:
                 return True
         return False

@@ -105,4 +105,3 @@ def stable_hash(data: bytes) -> int:
     processes, so that one key lands on one host whichever worker serves it.
     """
     return int.from_bytes(_blake2b(data, digest_size=8).digest(), "little")
-

@@ -1,0 +1,46 @@
+"""The ``meshlet`` command: one module per command group, errors translated here, once.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a port in use), 2 invalid configuration or
+usage. A ``MeshletError`` is printed as its message, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import meshlet
+from meshlet.cli import proxy
+from meshlet.errors import ConfigError, MeshletError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshlet",
+        description="A service mesh in Python: Istio's API, Envoy's xDS, one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshlet {meshlet.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    proxy.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    except MeshletError as e:
+        print(f"meshlet: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

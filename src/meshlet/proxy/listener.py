@@ -1,0 +1,253 @@
+"""Listeners and their HTTP connection manager, compiled from Envoy protos.
+
+A listener is an address plus exactly one filter chain holding
+``envoy.filters.network.http_connection_manager``; the HCM carries an inline route
+configuration, the HTTP filters (``envoy.filters.http.fault`` then ``envoy.filters.http.router``;
+nothing else), access logs and the HCM's timeouts and header rules. Defaults are Envoy's
+(ENVOY-SEMANTICS §7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+
+from meshlet.errors import ConfigError, ProblemList
+from meshlet.proxy.fields import check_fields, duration_field, join, uint_field
+from meshlet.proxy.filters.fault import FaultPolicy, compile_fault
+from meshlet.proxy.routing import RouteTable, compile_route_config
+from meshlet.proxy.telemetry.access_log import AccessLogger, compile_access_logs
+
+HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
+ROUTER_TYPE = "type.googleapis.com/" + router_pb2.Router.DESCRIPTOR.full_name
+
+_LISTENER_FIELDS = {"name", "address", "filter_chains", "traffic_direction", "stat_prefix"}
+_HCM_FIELDS = {
+    "codec_type",
+    "stat_prefix",
+    "route_config",
+    "http_filters",
+    "access_log",
+    "generate_request_id",
+    "use_remote_address",
+    "xff_num_trusted_hops",
+    "skip_xff_append",
+    "stream_idle_timeout",
+    "request_timeout",
+    "request_headers_timeout",
+    "common_http_protocol_options",
+    "max_request_headers_kb",
+    "server_name",
+    "server_header_transformation",
+    "proxy_100_continue",
+    "always_set_request_id_in_response",
+    "preserve_external_request_id",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HcmConfig:
+    """What one HTTP connection manager does, compiled."""
+
+    stat_prefix: str
+    route_table: RouteTable
+    fault_filter: bool  # the fault filter is in the chain (it may still have no config)
+    fault: FaultPolicy | None  # filter-level fault config; routes may override it
+    access_logs: tuple[AccessLogger, ...]
+    generate_request_id: bool = True
+    preserve_external_request_id: bool = False
+    always_set_request_id_in_response: bool = False
+    use_remote_address: bool = False
+    xff_num_trusted_hops: int = 0
+    skip_xff_append: bool = False
+    stream_idle_timeout: float = 300.0  # 0 disables
+    request_timeout: float = 0.0  # 0 disables
+    request_headers_timeout: float = 0.0  # 0 disables
+    idle_timeout: float = 3600.0  # connection with no streams; 0 disables
+    max_request_headers_bytes: int = 60 * 1024
+    max_headers_count: int = 100
+    server_name: bytes | None = b"envoy"  # None: pass the upstream's through
+    server_append_if_absent: bool = False
+    proxy_100_continue: bool = False
+    suppress_envoy_headers: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    reporter: str  # "destination" for INBOUND listeners, else "source" (Istio's reporter label)
+    hcm: HcmConfig
+
+
+def compile_listener(proto: listener_pb2.Listener, path: str) -> ListenerConfig:
+    check_fields(proto, path, _LISTENER_FIELDS)
+    problems = ProblemList()
+    addr = proto.address
+    addr_path = join(path, "address")
+    host, port = "", 0
+    try:
+        check_fields(addr, addr_path, {"socket_address"})
+        sa = addr.socket_address
+        check_fields(sa, join(addr_path, "socket_address"), {"address", "port_value", "protocol"})
+        host, port = sa.address, sa.port_value
+        if not host:
+            problems.add(join(addr_path, "socket_address.address"), "is required")
+        if not 0 <= port < 65536:
+            problems.add(join(addr_path, "socket_address.port_value"), "must be a port")
+    except ConfigError as e:
+        problems.extend(e)
+    hcm: HcmConfig | None = None
+    if len(proto.filter_chains) != 1:
+        problems.add(join(path, "filter_chains"), "exactly one filter chain is supported")
+    else:
+        chain_path = join(path, "filter_chains[0]")
+        try:
+            hcm = _compile_chain(proto.filter_chains[0], chain_path, proto.name)
+        except ConfigError as e:
+            problems.extend(e)
+    problems.raise_if_any()
+    assert hcm is not None
+    inbound = proto.traffic_direction == base_pb2.INBOUND
+    return ListenerConfig(
+        name=proto.name or f"{host}_{port}",
+        host=host,
+        port=port,
+        reporter="destination" if inbound else "source",
+        hcm=hcm,
+    )
+
+
+def _compile_chain(chain: listener_pb2.FilterChain, path: str, listener_name: str) -> HcmConfig:
+    check_fields(chain, path, {"filters", "name"})
+    if len(chain.filters) != 1:
+        raise ConfigError.at(
+            join(path, "filters"),
+            "exactly one network filter, envoy.filters.network.http_connection_manager, "
+            "is supported",
+        )
+    f = chain.filters[0]
+    fpath = join(path, "filters[0]")
+    check_fields(f, fpath, {"name", "typed_config"})
+    if f.typed_config.type_url != HCM_TYPE:
+        raise ConfigError.at(
+            join(fpath, "typed_config"),
+            f"{f.typed_config.type_url or f.name} is not supported "
+            "(supported: envoy.filters.network.http_connection_manager)",
+        )
+    hcm = hcm_pb2.HttpConnectionManager()
+    f.typed_config.Unpack(hcm)
+    return compile_hcm(hcm, join(fpath, "typed_config"), listener_name)
+
+
+def compile_hcm(proto: hcm_pb2.HttpConnectionManager, path: str, listener_name: str) -> HcmConfig:
+    problems = ProblemList()
+
+    def guard(fn: object) -> object:
+        try:
+            assert callable(fn)
+            return fn()
+        except ConfigError as e:
+            problems.extend(e)
+            return None
+
+    guard(lambda: check_fields(proto, path, _HCM_FIELDS))
+    if proto.codec_type not in (
+        hcm_pb2.HttpConnectionManager.AUTO,
+        hcm_pb2.HttpConnectionManager.HTTP1,
+    ):
+        name = hcm_pb2.HttpConnectionManager.CodecType.Name(proto.codec_type)
+        problems.add(join(path, "codec_type"), f"{name} is not supported (supported: AUTO, HTTP1)")
+    if not proto.HasField("route_config"):
+        problems.add(
+            join(path, "route_config"),
+            "an inline route_config is required (RDS is not supported yet)",
+        )
+    table = guard(lambda: compile_route_config(proto.route_config, join(path, "route_config")))
+    fault_filter, fault, suppress = False, None, False
+    filters_path = join(path, "http_filters")
+    names = []
+    for i, hf in enumerate(proto.http_filters):
+        hpath = f"{filters_path}[{i}]"
+        guard(lambda hf=hf, hpath=hpath: check_fields(hf, hpath, {"name", "typed_config"}))
+        url = hf.typed_config.type_url
+        if url == FAULT_TYPE or (not url and hf.name == "envoy.filters.http.fault"):
+            fault_filter = True
+            names.append("fault")
+            if url:
+                msg = fault_pb2.HTTPFault()
+                hf.typed_config.Unpack(msg)
+                fault = guard(
+                    lambda msg=msg, hpath=hpath: compile_fault(msg, join(hpath, "typed_config"))
+                )
+        elif url == ROUTER_TYPE or (not url and hf.name == "envoy.filters.http.router"):
+            names.append("router")
+            if url:
+                router = router_pb2.Router()
+                hf.typed_config.Unpack(router)
+                rpath = join(hpath, "typed_config")
+                guard(
+                    lambda router=router, rpath=rpath: check_fields(
+                        router, rpath, {"suppress_envoy_headers"}
+                    )
+                )
+                suppress = router.suppress_envoy_headers
+        else:
+            problems.add(
+                hpath,
+                f"{url or hf.name} is not supported "
+                "(supported: envoy.filters.http.fault, envoy.filters.http.router)",
+            )
+    if names and names[-1] != "router":
+        problems.add(filters_path, "the last HTTP filter must be envoy.filters.http.router")
+    elif not names:
+        problems.add(filters_path, "envoy.filters.http.router is required")
+    logs = guard(lambda: compile_access_logs(list(proto.access_log), join(path, "access_log")))
+    opts = proto.common_http_protocol_options
+    opts_path = join(path, "common_http_protocol_options")
+    guard(lambda: check_fields(opts, opts_path, {"idle_timeout", "max_headers_count"}))
+    transformation = proto.server_header_transformation
+    problems.raise_if_any()
+    assert isinstance(table, RouteTable)
+    assert fault is None or isinstance(fault, FaultPolicy)
+    generate = proto.generate_request_id.value if proto.HasField("generate_request_id") else True
+    return HcmConfig(
+        stat_prefix=proto.stat_prefix or listener_name,
+        route_table=table,
+        fault_filter=fault_filter,
+        fault=fault,
+        access_logs=tuple(logs) if isinstance(logs, tuple | list) else (),
+        generate_request_id=generate,
+        preserve_external_request_id=proto.preserve_external_request_id,
+        always_set_request_id_in_response=proto.always_set_request_id_in_response,
+        use_remote_address=proto.use_remote_address.value,
+        xff_num_trusted_hops=proto.xff_num_trusted_hops,
+        skip_xff_append=proto.skip_xff_append,
+        stream_idle_timeout=_or(duration_field(proto, "stream_idle_timeout", 300.0)),
+        request_timeout=_or(duration_field(proto, "request_timeout", 0.0)),
+        request_headers_timeout=_or(duration_field(proto, "request_headers_timeout", 0.0)),
+        idle_timeout=_or(duration_field(opts, "idle_timeout", 3600.0)),
+        max_request_headers_bytes=uint_field(proto, "max_request_headers_kb", 60) * 1024,
+        max_headers_count=uint_field(opts, "max_headers_count", 100),
+        server_name=(
+            None
+            if transformation == hcm_pb2.HttpConnectionManager.PASS_THROUGH
+            else (proto.server_name or "envoy").encode()
+        ),
+        server_append_if_absent=transformation == hcm_pb2.HttpConnectionManager.APPEND_IF_ABSENT,
+        proxy_100_continue=proto.proxy_100_continue,
+        suppress_envoy_headers=suppress,
+    )
+
+
+def _or(value: float | None) -> float:
+    return value or 0.0

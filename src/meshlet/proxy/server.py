@@ -1,0 +1,264 @@
+"""Running the proxy as a process: workers, the admin server, signals and draining.
+
+``--concurrency N`` forks N-1 children after the configuration is compiled; the parent is
+worker 0 and also serves the admin endpoints, so no process sits idle (DESIGN: an idle parent
+costs ~22 MB). Every worker binds the listeners with SO_REUSEPORT. The parent reaches its
+children over a socketpair to sum their stats for ``/stats``; children die with the parent
+(PR_SET_PDEATHSIG), so nothing is ever orphaned.
+
+Shutdown: SIGTERM, SIGINT and ``POST /quitquitquit`` drain: stop accepting, let requests in
+flight finish with ``connection: close`` for up to ``--drain-time`` seconds, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvloop
+
+from meshlet.proxy.admin import AdminProtocol, AdminServer, ServerState
+from meshlet.proxy.config import ProxyConfig
+from meshlet.proxy.telemetry.access_log import DEFAULT_MANAGER
+from meshlet.proxy.worker import Worker, bind_listener
+
+log = logging.getLogger("meshlet.proxy")
+
+_LOG_FLUSH_INTERVAL = 1.0  # Envoy flushes file access logs every second
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerOptions:
+    concurrency: int = 1
+    drain_time: float = 5.0
+    config_path: str = ""
+
+
+class BindError(Exception):
+    """A listener or the admin address could not be bound."""
+
+
+def run(config: ProxyConfig, options: ServerOptions) -> int:
+    """Serve until told to stop; returns the exit code."""
+    sockets = _bind_all(config)  # bind in the parent first: a port in use fails loudly, once
+    children: list[tuple[int, socket.socket]] = []
+    for index in range(1, options.concurrency):
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # child
+            parent_end.close()
+            for _, sock in children:
+                sock.close()
+            _die_with_parent()
+            for sock in sockets.values():
+                sock.close()
+            code = 1
+            try:
+                code = _run_loop(_child_main(config, options, index, child_end))
+            finally:
+                os._exit(code)
+        child_end.close()
+        children.append((pid, parent_end))
+    try:
+        return _run_loop(_parent_main(config, options, sockets, children))
+    finally:
+        for pid, _ in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid, _ in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _run_loop(main: Any) -> int:
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return int(loop.run_until_complete(main))
+    finally:
+        loop.close()
+
+
+def _bind_all(config: ProxyConfig) -> dict[str, socket.socket]:
+    sockets: dict[str, socket.socket] = {}
+    for listener in config.listeners:
+        try:
+            sockets[listener.name] = bind_listener(listener)
+        except OSError as e:
+            for s in sockets.values():
+                s.close()
+            raise BindError(
+                f"listener {listener.name}: cannot bind {listener.host}:{listener.port}: "
+                f"{e.strerror}"
+            ) from e
+    return sockets
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Lifecycle:
+    """Drain-then-exit, shared by signals and /quitquitquit."""
+
+    def __init__(self, worker: Worker, drain_time: float) -> None:
+        self.worker = worker
+        self.drain_time = drain_time
+        self.done = asyncio.Event()
+        self.draining = False
+
+    def install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.shutdown)
+
+    def shutdown(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining for up to %.1fs", self.drain_time)
+        self.worker.drain()
+        asyncio.get_running_loop().create_task(self._wait_drained())
+
+    async def _wait_drained(self) -> None:
+        deadline = time.monotonic() + self.drain_time
+        while self.worker.active_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.done.set()
+
+
+async def _flush_logs_forever(worker: Worker) -> None:
+    while True:
+        await asyncio.sleep(_LOG_FLUSH_INTERVAL)
+        worker.flush_logs()
+
+
+async def _child_main(
+    config: ProxyConfig, options: ServerOptions, index: int, control: socket.socket
+) -> int:
+    loop = asyncio.get_running_loop()
+    worker = Worker(config, loop, index=index, concurrency=options.concurrency)
+    await worker.start()
+    life = _Lifecycle(worker, options.drain_time)
+    life.install_signals(loop)
+    flusher = loop.create_task(_flush_logs_forever(worker))
+    reader, writer = await asyncio.open_connection(sock=control)
+    serve = loop.create_task(_serve_control(worker, reader, writer))
+    await life.done.wait()
+    flusher.cancel()
+    serve.cancel()
+    worker.stop()
+    DEFAULT_MANAGER.close()
+    return 0
+
+
+async def _serve_control(
+    worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answer the parent's ``stats`` requests with this worker's snapshot, one JSON line."""
+    while line := await reader.readline():
+        if line.strip() == b"stats":
+            writer.write(json.dumps(worker.stats.snapshot()).encode() + b"\n")
+            await writer.drain()
+
+
+async def _parent_main(
+    config: ProxyConfig,
+    options: ServerOptions,
+    sockets: dict[str, socket.socket],
+    children: list[tuple[int, socket.socket]],
+) -> int:
+    loop = asyncio.get_running_loop()
+    started = time.time()
+    worker = Worker(config, loop, index=0, concurrency=options.concurrency)
+    life = _Lifecycle(worker, options.drain_time)
+    channels: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _, sock in children:
+        channels.append(await asyncio.open_connection(sock=sock))
+    lock = asyncio.Lock()
+
+    async def snapshots() -> list[dict[str, Any]]:
+        snaps = [worker.stats.snapshot()]
+        async with lock:  # one outstanding question per child channel
+            for reader, writer in channels:
+                try:
+                    writer.write(b"stats\n")
+                    await writer.drain()
+                    line = await asyncio.wait_for(reader.readline(), 2.0)
+                    if line:
+                        snaps.append(json.loads(line))
+                except (TimeoutError, OSError, ValueError):
+                    log.warning("a worker did not report its stats")
+        return snaps
+
+    def set_health_failed(failed: bool) -> None:
+        state.health_failed = failed
+        state.state = "DRAINING" if failed or life.draining else "LIVE"
+        if failed:
+            worker.drain_connections()
+
+    def quit_() -> None:
+        state.state = "DRAINING"
+        for pid, _ in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        life.shutdown()
+
+    state = ServerState(
+        config=config,
+        clusters=lambda: worker.clusters.clusters,
+        snapshots=snapshots,
+        quit=quit_,
+        set_health_failed=set_health_failed,
+        command_line={
+            "config_path": options.config_path,
+            "concurrency": options.concurrency,
+            "drain_time": f"{options.drain_time:g}s",
+            "drain_strategy": "Immediate",
+        },
+        started=started,
+    )
+    admin_server = None
+    if config.admin is not None:
+        host, port = config.admin
+        try:
+            admin_server = await loop.create_server(
+                lambda: AdminProtocol(AdminServer(state)), host, port, reuse_address=True
+            )
+        except OSError as e:
+            raise BindError(f"admin: cannot bind {host}:{port}: {e.strerror}") from e
+    state.state = "INITIALIZING"
+    await worker.start(sockets)
+    state.state = "LIVE"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, quit_)
+    flusher = loop.create_task(_flush_logs_forever(worker))
+    addresses = ", ".join(f"{lc.host}:{lc.port}" for lc in config.listeners)
+    log.info(
+        "meshlet proxy is live: listeners %s; admin %s; %d worker(s)",
+        addresses or "(none)",
+        f"{config.admin[0]}:{config.admin[1]}" if config.admin else "(none)",
+        options.concurrency,
+    )
+    await life.done.wait()
+    flusher.cancel()
+    worker.stop()
+    DEFAULT_MANAGER.close()
+    if admin_server is not None:
+        admin_server.close()
+    for pid, _ in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,467 @@
+"""Clusters: their compiled configuration and their live state in one worker process.
+
+``compile_cluster`` turns an Envoy ``Cluster`` proto into an immutable ``ClusterConfig``.
+``Cluster`` is what a worker keeps per cluster: hosts (static or resolved by DNS), the load
+balancer built over them, per-host connection pools, circuit-breaker counts, outlier
+detection and active health checking. A ``ClusterManager`` owns them and swaps them when a
+new configuration arrives, keeping the live state of clusters whose configuration did not
+change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2
+
+from meshlet.errors import ConfigError, ProblemList
+from meshlet.proxy.fields import check_fields, duration_field, join, uint_field
+from meshlet.proxy.telemetry.stats import ClusterStats, StatsStore
+from meshlet.proxy.upstream.health import HealthCheckConfig, HealthChecker, compile_health_checks
+from meshlet.proxy.upstream.host import Host, LbContext
+from meshlet.proxy.upstream.lb import LbConfig, LoadBalancer, build_load_balancer, compile_lb_config
+from meshlet.proxy.upstream.outlier import OutlierConfig, OutlierDetector, compile_outlier_config
+from meshlet.proxy.upstream.pool import HostPool
+
+log = logging.getLogger("meshlet.cluster")
+
+_DISCOVERY = {
+    cluster_pb2.Cluster.STATIC: "STATIC",
+    cluster_pb2.Cluster.STRICT_DNS: "STRICT_DNS",
+    cluster_pb2.Cluster.LOGICAL_DNS: "LOGICAL_DNS",
+}
+_FAMILIES = {
+    cluster_pb2.Cluster.AUTO: socket.AF_UNSPEC,
+    cluster_pb2.Cluster.V4_ONLY: socket.AF_INET,
+    cluster_pb2.Cluster.V6_ONLY: socket.AF_INET6,
+    cluster_pb2.Cluster.V4_PREFERRED: socket.AF_UNSPEC,
+    cluster_pb2.Cluster.ALL: socket.AF_UNSPEC,
+}
+_CLUSTER_FIELDS = {
+    "name",
+    "type",
+    "connect_timeout",
+    "lb_policy",
+    "load_assignment",
+    "circuit_breakers",
+    "outlier_detection",
+    "health_checks",
+    "max_requests_per_connection",
+    "common_http_protocol_options",
+    "per_connection_buffer_limit_bytes",
+    "dns_refresh_rate",
+    "dns_lookup_family",
+    "least_request_lb_config",
+    "ring_hash_lb_config",
+    "maglev_lb_config",
+    "common_lb_config",
+    "alt_stat_name",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    """Circuit-breaker limits for the default priority (Envoy's defaults)."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointConfig:
+    address: str
+    port: int
+    weight: int
+    priority: int
+    hostname: str
+    locality: tuple[str, str, str]
+    healthy: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    name: str
+    discovery: str  # STATIC, STRICT_DNS, LOGICAL_DNS
+    endpoints: tuple[EndpointConfig, ...]
+    connect_timeout: float
+    lb: LbConfig
+    limits: Thresholds
+    outlier: OutlierConfig | None
+    health: HealthCheckConfig | None
+    idle_timeout: float | None  # upstream connection idle timeout, None = never
+    max_requests_per_connection: int  # 0 = unlimited
+    buffer_limit: int  # bytes of request body kept for retries and mirrors
+    dns_refresh_rate: float
+    dns_family: int
+
+
+def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
+    """Compile one Cluster; raises ``ConfigError`` listing every unsupported or bad field."""
+    problems = ProblemList()
+
+    def attempt(fn: object) -> None:
+        try:
+            assert callable(fn)
+            fn()
+        except ConfigError as e:
+            problems.extend(e)
+
+    attempt(lambda: check_fields(proto, path, _CLUSTER_FIELDS))
+    if not proto.name:
+        problems.add(join(path, "name"), "is required")
+    discovery = _DISCOVERY.get(proto.type)
+    if discovery is None:
+        name = cluster_pb2.Cluster.DiscoveryType.Name(proto.type)
+        problems.add(
+            join(path, "type"),
+            f"{name} is not supported (supported: {', '.join(_DISCOVERY.values())})",
+        )
+    lb: list[LbConfig] = []
+    attempt(lambda: lb.append(compile_lb_config(proto, path)))
+    outlier: list[OutlierConfig | None] = [None]
+    if proto.HasField("outlier_detection"):
+        od = proto.outlier_detection
+
+        def _outlier() -> None:
+            outlier[0] = compile_outlier_config(od, join(path, "outlier_detection"))
+
+        attempt(_outlier)
+    health: list[HealthCheckConfig | None] = [None]
+    if proto.health_checks:
+        checks: list[health_check_pb2.HealthCheck] = list(proto.health_checks)
+
+        def _health() -> None:
+            health[0] = compile_health_checks(checks, proto.name, join(path, "health_checks"))
+
+        attempt(_health)
+    endpoints: list[EndpointConfig] = []
+    attempt(lambda: endpoints.extend(_compile_endpoints(proto, path)))
+    limits: list[Thresholds] = [Thresholds()]
+    if proto.HasField("circuit_breakers"):
+
+        def _limits() -> None:
+            limits[0] = _compile_thresholds(proto.circuit_breakers, join(path, "circuit_breakers"))
+
+        attempt(_limits)
+    idle_timeout: float | None = 3600.0
+    max_requests = uint_field(proto, "max_requests_per_connection", 0)
+    if proto.HasField("common_http_protocol_options"):
+        opts = proto.common_http_protocol_options
+        opts_path = join(path, "common_http_protocol_options")
+        attempt(
+            lambda: check_fields(opts, opts_path, {"idle_timeout", "max_requests_per_connection"})
+        )
+        idle_timeout = duration_field(opts, "idle_timeout", 3600.0) or None
+        max_requests = uint_field(opts, "max_requests_per_connection", max_requests)
+    if discovery == "LOGICAL_DNS" and len(endpoints) != 1:
+        problems.add(
+            join(path, "load_assignment"), "LOGICAL_DNS clusters need exactly one endpoint"
+        )
+    problems.raise_if_any()
+    connect_timeout = duration_field(proto, "connect_timeout", 5.0)
+    return ClusterConfig(
+        name=proto.name,
+        discovery=discovery or "STATIC",
+        endpoints=tuple(endpoints),
+        connect_timeout=connect_timeout or 5.0,
+        lb=lb[0],
+        limits=limits[0],
+        outlier=outlier[0],
+        health=health[0],
+        idle_timeout=idle_timeout,
+        max_requests_per_connection=max_requests,
+        buffer_limit=uint_field(proto, "per_connection_buffer_limit_bytes", 1024 * 1024),
+        dns_refresh_rate=duration_field(proto, "dns_refresh_rate", 5.0) or 5.0,
+        dns_family=_FAMILIES.get(proto.dns_lookup_family, socket.AF_UNSPEC),
+    )
+
+
+def _compile_endpoints(proto: cluster_pb2.Cluster, path: str) -> list[EndpointConfig]:
+    cla = proto.load_assignment
+    cla_path = join(path, "load_assignment")
+    check_fields(cla, cla_path, {"cluster_name", "endpoints"})
+    out: list[EndpointConfig] = []
+    problems = ProblemList()
+    for i, group in enumerate(cla.endpoints):
+        gpath = f"{cla_path}.endpoints[{i}]"
+        try:
+            check_fields(
+                group, gpath, {"locality", "lb_endpoints", "priority", "load_balancing_weight"}
+            )
+        except ConfigError as e:
+            problems.extend(e)
+        locality = (group.locality.region, group.locality.zone, group.locality.sub_zone)
+        for j, lbe in enumerate(group.lb_endpoints):
+            epath = f"{gpath}.lb_endpoints[{j}]"
+            try:
+                out.append(_compile_endpoint(lbe, epath, group.priority, locality))
+            except ConfigError as e:
+                problems.extend(e)
+    problems.raise_if_any()
+    return out
+
+
+def _compile_endpoint(
+    lbe: endpoint_components_pb2.LbEndpoint,
+    path: str,
+    priority: int,
+    locality: tuple[str, str, str],
+) -> EndpointConfig:
+    check_fields(lbe, path, {"endpoint", "load_balancing_weight", "health_status", "metadata"})
+    ep = lbe.endpoint
+    check_fields(ep, join(path, "endpoint"), {"address", "hostname"})
+    sa = ep.address.socket_address
+    check_fields(ep.address, join(path, "endpoint.address"), {"socket_address"})
+    sa_path = join(path, "endpoint.address.socket_address")
+    check_fields(sa, sa_path, {"address", "port_value", "protocol"})
+    if not sa.address:
+        raise ConfigError.at(join(sa_path, "address"), "is required")
+    if not 0 < sa.port_value < 65536:
+        raise ConfigError.at(join(sa_path, "port_value"), "must be a port between 1 and 65535")
+    weight = uint_field(lbe, "load_balancing_weight", 1)
+    if weight < 1:
+        raise ConfigError.at(join(path, "load_balancing_weight"), "must be at least 1")
+    # EDS health: UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic (Envoy's rule).
+    healthy = lbe.health_status in (0, 1)
+    return EndpointConfig(
+        address=sa.address,
+        port=sa.port_value,
+        weight=weight,
+        priority=priority,
+        hostname=ep.hostname,
+        locality=locality,
+        healthy=healthy,
+    )
+
+
+def _compile_thresholds(cb: object, path: str) -> Thresholds:
+    from envoy.config.cluster.v3 import circuit_breaker_pb2
+
+    assert isinstance(cb, circuit_breaker_pb2.CircuitBreakers)
+    check_fields(cb, path, {"thresholds"})
+    result = Thresholds()
+    for i, t in enumerate(cb.thresholds):
+        tpath = f"{path}.thresholds[{i}]"
+        check_fields(
+            t,
+            tpath,
+            {"priority", "max_connections", "max_pending_requests", "max_requests", "max_retries"},
+        )
+        if t.priority != 0:
+            continue  # HIGH priority limits: meshlet routes everything at DEFAULT priority
+        result = Thresholds(
+            max_connections=uint_field(t, "max_connections", 1024),
+            max_pending_requests=uint_field(t, "max_pending_requests", 1024),
+            max_requests=uint_field(t, "max_requests", 1024),
+            max_retries=uint_field(t, "max_retries", 3),
+        )
+    return result
+
+
+class Cluster:
+    """The live state of one cluster in this worker."""
+
+    def __init__(self, config: ClusterConfig, stats: ClusterStats, rng: random.Random) -> None:
+        self.config = config
+        self.name = config.name
+        self.limits = config.limits
+        self.stats = stats
+        self._rng = rng
+        self.hosts: list[Host] = []
+        self.pools: dict[Host, HostPool] = {}
+        self.lb: LoadBalancer = build_load_balancer(config.lb, [], rng)
+        self.rq_active = 0
+        self.rq_pending = 0
+        self.cx_active = 0
+        self.cx_connecting = 0
+        self.retries_active = 0
+        self.closed = False
+        self.initialized = asyncio.Event()
+        self.outlier: OutlierDetector | None = None
+        self._health: HealthChecker | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._dns_task: asyncio.Task[None] | None = None
+        if config.discovery == "STATIC":
+            self._set_hosts([_host(ep, ep.address) for ep in config.endpoints])
+            self.initialized.set()
+
+    def __repr__(self) -> str:
+        healthy = sum(1 for h in self.hosts if h.healthy)
+        return (
+            f"<Cluster {self.name} [Hosts: {len(self.hosts)} ({healthy} healthy) | "
+            f"Requests: {self.rq_active} active, {self.rq_pending} pending | "
+            f"Connections: {self.cx_active} active]>"
+        )
+
+    # -- request path ------------------------------------------------------------------------
+
+    def choose(self, ctx: LbContext) -> Host | None:
+        return self.lb.choose(ctx)
+
+    def pool(self, host: Host) -> HostPool:
+        pool = self.pools.get(host)
+        if pool is None:
+            pool = self.pools[host] = HostPool(self, host)
+        return pool
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.config.discovery != "STATIC":
+            self._dns_task = loop.create_task(self._resolve_forever())
+        if self.config.outlier is not None:
+            self.outlier = OutlierDetector(
+                self.config.outlier, lambda: self.hosts, self.health_changed, self._rng
+            )
+            self._schedule_sweep()
+        if self.config.health is not None:
+            self._health = HealthChecker(
+                self.config.health, lambda: self.hosts, self.health_changed
+            )
+            for host in self.hosts:
+                host.failed_active_hc = True
+            self.health_changed()
+            self._health.start()
+
+    def stop(self) -> None:
+        self.closed = True
+        for t in self._timers:
+            t.cancel()
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+        if self._health is not None:
+            self._health.stop()
+        for pool in self.pools.values():
+            pool.close_idle()
+
+    def health_changed(self) -> None:
+        """A host's health flipped: rebuild the balancer over the new health."""
+        self.lb = build_load_balancer(self.config.lb, self.hosts, self._rng)
+        self.stats.membership_healthy = sum(1 for h in self.hosts if h.healthy)
+        if self.outlier is not None:
+            self.stats.outlier_detection_ejections_active = self.outlier.ejections_active
+
+    def _set_hosts(self, hosts: list[Host]) -> None:
+        self.hosts = hosts
+        self.stats.membership_total = len(hosts)
+        alive = set(hosts)
+        for host in list(self.pools):
+            if host not in alive:
+                self.pools.pop(host).close_idle()
+        if self._health is not None:
+            for host in hosts:
+                if host.cx_total == 0 and host.rq_total == 0 and host not in self.pools:
+                    host.failed_active_hc = True
+        self.health_changed()
+
+    def _schedule_sweep(self) -> None:
+        assert self.config.outlier is not None
+        loop = asyncio.get_running_loop()
+        interval = self.config.outlier.interval
+
+        def sweep() -> None:
+            if self.closed or self.outlier is None:
+                return
+            self.outlier.sweep(loop.time())
+            self._timers[:] = [loop.call_later(interval, sweep)]
+
+        self._timers.append(loop.call_later(interval, sweep))
+
+    async def _resolve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            try:
+                await self._resolve(loop)
+            except Exception:  # a resolver failure keeps the last good host set
+                log.exception("cluster %s: DNS resolution failed", self.name)
+            self.initialized.set()
+            await asyncio.sleep(self.config.dns_refresh_rate)
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
+        current = {(h.address, h.port): h for h in self.hosts}
+        new: list[Host] = []
+        for ep in self.config.endpoints:
+            try:
+                infos = await loop.getaddrinfo(
+                    ep.address, ep.port, family=self.config.dns_family, type=socket.SOCK_STREAM
+                )
+            except OSError as e:
+                log.warning("cluster %s: cannot resolve %s: %s", self.name, ep.address, e)
+                continue
+            addresses = _unique(str(info[4][0]) for info in infos)
+            if self.config.discovery == "LOGICAL_DNS":
+                addresses = addresses[:1]  # only the first address, for new connections
+            for address in addresses:
+                host = current.get((address, ep.port)) or _host(ep, address)
+                new.append(host)
+        if [h.key for h in new] != [h.key for h in self.hosts]:
+            self._set_hosts(new)
+
+
+def _host(ep: EndpointConfig, address: str) -> Host:
+    host = Host(
+        address,
+        ep.port,
+        weight=ep.weight,
+        priority=ep.priority,
+        hostname=ep.hostname or (ep.address if ep.address != address else ""),
+        locality=ep.locality,
+    )
+    if not ep.healthy:
+        host.failed_active_hc = True
+    return host
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+class ClusterManager:
+    """All clusters of this worker, by name; swapped as a whole when configuration changes."""
+
+    def __init__(self, stats: StatsStore, rng: random.Random | None = None) -> None:
+        self._stats = stats
+        self._rng = rng or random.Random()
+        self.clusters: dict[str, Cluster] = {}
+
+    def __repr__(self) -> str:
+        return f"<ClusterManager {len(self.clusters)} clusters>"
+
+    def get(self, name: str) -> Cluster | None:
+        return self.clusters.get(name)
+
+    def apply(self, configs: Iterable[ClusterConfig]) -> None:
+        """Install a new set of clusters, keeping the live state of unchanged ones."""
+        new: dict[str, Cluster] = {}
+        for config in configs:
+            old = self.clusters.get(config.name)
+            if old is not None and old.config == config:
+                new[config.name] = old
+            else:
+                cluster = Cluster(config, self._stats.cluster(config.name), self._rng)
+                new[config.name] = cluster
+                cluster.start()
+        for name, old in self.clusters.items():
+            if new.get(name) is not old:
+                old.stop()
+        self.clusters = new
+
+    async def initialized(self, timeout: float) -> None:
+        """Wait until every cluster has its first host set (DNS clusters resolve once)."""
+        waits = [c.initialized.wait() for c in self.clusters.values()]
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+
+    def stop(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.stop()

@@ -1,0 +1,375 @@
+"""Upstream HTTP/1.1 connections and the keep-alive pool of one host.
+
+Envoy's HTTP/1 pool rules (ENVOY-SEMANTICS §6): one request in flight per connection, no
+pipelining; a new connection is opened while the cluster is under ``max_connections``,
+otherwise the request waits in the pending queue (bounded by ``max_pending_requests``, overflow
+is the caller's 503 UO). Idle connections close after the cluster's idle timeout and after
+``max_requests_per_connection`` requests.
+
+The pool decides synchronously and hands connections to ``PoolWaiter`` callbacks; only opening
+a connection needs a task (``loop.create_connection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from meshlet.proxy.headers import Headers
+from meshlet.proxy.upstream.host import Host
+
+if TYPE_CHECKING:
+    from meshlet.proxy.upstream.cluster import Cluster
+
+
+class Reset(enum.Enum):
+    """Why an upstream exchange ended without a complete response (Envoy's reset reasons)."""
+
+    CONNECT_FAILURE = "remote connection failure"
+    CONNECT_TIMEOUT = "connection timeout"
+    TERMINATION = "connection termination"
+    PROTOCOL_ERROR = "protocol error"
+    OVERFLOW = "overflow"
+    LOCAL = "local reset"
+
+
+class ResponseHandler(Protocol):
+    """What an upstream connection tells the request that owns it."""
+
+    def on_response_head(self, status: int, headers: Headers, keep_alive: bool) -> None: ...
+
+    def on_response_body(self, data: bytes) -> None: ...
+
+    def on_response_end(self) -> None: ...
+
+    def on_reset(self, reason: Reset) -> None: ...
+
+    def flush(self) -> None:
+        """End of one read from the upstream socket: write what was gathered downstream."""
+
+    def on_upstream_paused(self, paused: bool) -> None:
+        """The upstream socket's send buffer is full (True) or drained (False)."""
+
+
+class PoolWaiter(Protocol):
+    """A request waiting for a connection."""
+
+    def on_pool_ready(self, conn: UpstreamConnection) -> None: ...
+
+    def on_pool_failure(self, reason: Reset) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 client connection to a host, parsing responses with httptools."""
+
+    __slots__ = (
+        "_head_only",
+        "_headers",
+        "_idle_timer",
+        "_keep_alive",
+        "_parser",
+        "_status",
+        "host",
+        "owner",
+        "pool",
+        "requests",
+        "transport",
+    )
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+        self.host = pool.host
+        self.transport: asyncio.Transport | None = None
+        self.owner: ResponseHandler | None = None
+        self.requests = 0
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._status = 0
+        self._keep_alive = True
+        self._head_only = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        state = "busy" if self.owner else "idle"
+        return f"<UpstreamConnection {self.host.key} {state} requests={self.requests}>"
+
+    # -- used by the router ------------------------------------------------------------------
+
+    def start(self, owner: ResponseHandler, data: bytes, *, head_only: bool) -> None:
+        """Begin an exchange: ``data`` is the request head (and any body at hand)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.owner = owner
+        self.requests += 1
+        self._head_only = head_only
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection (an exchange was abandoned mid-flight)."""
+        self.owner = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            # Bytes on an idle connection: the peer broke HTTP/1.1; do not reuse it.
+            self._close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.owner = None
+            self._close()
+            owner.on_reset(Reset.PROTOCOL_ERROR)
+            return
+        owner.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.on_reset(Reset.TERMINATION)
+            owner.flush()
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.on_upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.on_upstream_paused(False)
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return  # 1xx: the final response follows on the same connection
+        self._status = status
+        self._keep_alive = self._parser.should_keep_alive()
+        owner = self.owner
+        if owner is not None:
+            owner.on_response_head(status, Headers(self._headers), self._keep_alive)
+            if self._head_only:
+                # A response to HEAD has no body whatever its Content-Length says; httptools
+                # cannot be told so, so end the message here and use a fresh parser next time.
+                self._parser = httptools.HttpResponseParser(self)
+                self._message_done()
+
+    def on_body(self, body: bytes) -> None:
+        if self.owner is not None:
+            self.owner.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._status == 0:
+            return  # end of a 1xx
+        self._message_done()
+
+    def _message_done(self) -> None:
+        owner = self.owner
+        self._status = 0
+        self.owner = None
+        if owner is None:
+            return
+        if self._keep_alive:
+            self.pool.release(self)
+        else:
+            self._close()
+        owner.on_response_end()
+
+    # -- pool side ---------------------------------------------------------------------------
+
+    def arm_idle_timer(self, timeout: float | None) -> None:
+        if timeout:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(timeout, self._close)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class HostPool:
+    """Idle connections and pending requests of one host of one cluster."""
+
+    __slots__ = ("_idle", "_pending", "cluster", "connecting", "host", "open")
+
+    def __init__(self, cluster: Cluster, host: Host) -> None:
+        self.cluster = cluster
+        self.host = host
+        self._idle: list[UpstreamConnection] = []
+        self._pending: deque[PoolWaiter] = deque()
+        self.open: set[UpstreamConnection] = set()
+        self.connecting = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<HostPool {self.host.key} [Connections: {len(self.open)} open, "
+            f"{len(self._idle)} idle, {self.connecting} connecting | "
+            f"Requests: {len(self._pending)} pending]>"
+        )
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def acquire(self, waiter: PoolWaiter) -> bool:
+        """Hand ``waiter`` a connection now or later. False: overflow (503 UO).
+
+        Calls ``waiter.on_pool_ready`` synchronously when an idle connection exists.
+        """
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                if conn._idle_timer is not None:
+                    conn._idle_timer.cancel()
+                    conn._idle_timer = None
+                waiter.on_pool_ready(conn)
+                return True
+        cluster = self.cluster
+        if cluster.rq_pending >= cluster.limits.max_pending_requests:
+            cluster.stats.upstream_rq_pending_overflow += 1
+            return False
+        self._pending.append(waiter)
+        cluster.rq_pending += 1
+        cluster.stats.upstream_rq_pending_total += 1
+        cluster.stats.upstream_rq_pending_active += 1
+        if self.connecting < len(self._pending):
+            if cluster.cx_active + cluster.cx_connecting >= cluster.limits.max_connections:
+                cluster.stats.upstream_cx_overflow += 1
+            else:
+                self._connect()
+        return True
+
+    def cancel(self, waiter: PoolWaiter) -> None:
+        try:
+            self._pending.remove(waiter)
+        except ValueError:
+            return
+        self._left_pending()
+
+    def _next_waiter(self) -> PoolWaiter:
+        waiter = self._pending.popleft()
+        self._left_pending()
+        return waiter
+
+    def _left_pending(self) -> None:
+        self.cluster.rq_pending -= 1
+        self.cluster.stats.upstream_rq_pending_active -= 1
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection finished its exchange and may be reused."""
+        limit = self.cluster.config.max_requests_per_connection
+        if (limit and conn.requests >= limit) or self.cluster.closed:
+            conn._close()
+            return
+        if self._pending:
+            self._next_waiter().on_pool_ready(conn)
+            return
+        self._idle.append(conn)
+        conn.arm_idle_timer(self.cluster.config.idle_timeout)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: drop it from the pool's books."""
+        if conn in self.open:
+            self.open.discard(conn)
+            self.cluster.cx_active -= 1
+            self.host.cx_active -= 1
+            self.cluster.stats.upstream_cx_active -= 1
+            self.cluster.stats.upstream_cx_destroy += 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+        if self._pending and self.connecting < len(self._pending) and not self.cluster.closed:
+            cluster = self.cluster
+            if cluster.cx_active + cluster.cx_connecting < cluster.limits.max_connections:
+                self._connect()
+
+    def close_idle(self) -> None:
+        for conn in list(self._idle):
+            conn._close()
+        self._idle.clear()
+
+    def fail_pending(self, reason: Reset) -> None:
+        while self._pending:
+            self._next_waiter().on_pool_failure(reason)
+
+    def _connect(self) -> None:
+        self.connecting += 1
+        self.cluster.cx_connecting += 1
+        asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        cluster = self.cluster
+        host = self.host
+        loop = asyncio.get_running_loop()
+        cluster.stats.upstream_cx_total += 1
+        host.cx_total += 1
+        reason: Reset | None = None
+        conn: UpstreamConnection | None = None
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), host.address, host.port),
+                cluster.config.connect_timeout,
+            )
+            conn = proto
+        except TimeoutError:
+            reason = Reset.CONNECT_TIMEOUT
+            cluster.stats.upstream_cx_connect_timeout += 1
+        except OSError:
+            reason = Reset.CONNECT_FAILURE
+        finally:
+            self.connecting -= 1
+            cluster.cx_connecting -= 1
+        if conn is None:
+            assert reason is not None
+            cluster.stats.upstream_cx_connect_fail += 1
+            host.cx_connect_fail += 1
+            if self._pending:
+                self._next_waiter().on_pool_failure(reason)
+            return
+        self.open.add(conn)
+        cluster.cx_active += 1
+        host.cx_active += 1
+        cluster.stats.upstream_cx_active += 1
+        if self._pending:
+            self._next_waiter().on_pool_ready(conn)
+        else:
+            self._idle.append(conn)
+            conn.arm_idle_timer(cluster.config.idle_timeout)

@@ -1,0 +1,181 @@
+"""One worker process's data plane: its listeners, clusters, stats, and config swaps.
+
+A ``Worker`` binds every listener (SO_REUSEPORT, so that ``--concurrency`` workers share the
+ports and the kernel spreads connections), owns one ``ClusterManager`` and one ``StatsStore``,
+and applies a new ``ProxyConfig`` by swapping references: requests in flight finish on the
+configuration they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import socket
+
+from meshlet.proxy.config import ProxyConfig
+from meshlet.proxy.http1 import DownstreamConnection
+from meshlet.proxy.listener import HcmConfig, ListenerConfig
+from meshlet.proxy.stream_info import StreamInfo
+from meshlet.proxy.telemetry.stats import HttpStats, StatsStore
+from meshlet.proxy.upstream.cluster import ClusterManager
+
+log = logging.getLogger("meshlet.worker")
+
+
+class ListenerRuntime:
+    """What connections of one listener share in this worker."""
+
+    __slots__ = (
+        "active_faults",
+        "clusters",
+        "config",
+        "connections",
+        "draining",
+        "hcm",
+        "http_stats",
+        "local_ip",
+        "loop",
+        "reporter",
+        "rng",
+        "server",
+        "stats",
+    )
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        clusters: ClusterManager,
+        stats: StatsStore,
+        loop: asyncio.AbstractEventLoop,
+        rng: random.Random,
+    ) -> None:
+        self.config = config
+        self.hcm: HcmConfig = config.hcm
+        self.reporter = config.reporter
+        self.clusters = clusters
+        self.stats = stats
+        self.http_stats: HttpStats = stats.http(config.hcm.stat_prefix)
+        self.loop = loop
+        self.rng = rng
+        self.connections: set[DownstreamConnection] = set()
+        self.draining = False
+        self.active_faults = 0
+        self.local_ip = config.host.encode()
+        self.server: asyncio.Server | None = None
+
+    def __repr__(self) -> str:
+        return f"<ListenerRuntime {self.config.name} connections={len(self.connections)}>"
+
+    def record(self, info: StreamInfo) -> None:
+        """A stream ended: access logs and Istio metrics."""
+        for logger in self.hcm.access_logs:
+            logger.log(info)
+        cluster = info.upstream_cluster
+        self.stats.istio.record(
+            info,
+            reporter=self.reporter,
+            destination_service=_destination_service(cluster),
+            destination_cluster="",
+        )
+
+    def apply(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.hcm = config.hcm
+        self.reporter = config.reporter
+        self.http_stats = self.stats.http(config.hcm.stat_prefix)
+
+    def drain(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+
+def _destination_service(cluster: str) -> str:
+    """Istio's destination_service: the host in an Istio cluster name, else the cluster name.
+
+    Never the request's Host header: clients must not be able to mint metric series.
+    """
+    if cluster.count("|") == 3:  # outbound|9080|v1|reviews.default.svc.cluster.local
+        return cluster.rsplit("|", 1)[1]
+    return cluster or "unknown"
+
+
+class Worker:
+    """The data plane of one process."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        index: int = 0,
+        concurrency: int = 1,
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.loop = loop
+        self.stats = StatsStore(config.node_info, concurrency=concurrency)
+        self.rng = random.Random()
+        self.clusters = ClusterManager(self.stats, self.rng)
+        self.listeners: dict[str, ListenerRuntime] = {}
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.index} listeners={len(self.listeners)} {self.clusters!r}>"
+
+    async def start(self, sockets: dict[str, socket.socket] | None = None) -> None:
+        """Build clusters, bind listeners, and wait for DNS clusters' first answer."""
+        self.clusters.apply(self.config.clusters)
+        for listener in self.config.listeners:
+            rt = ListenerRuntime(listener, self.clusters, self.stats, self.loop, self.rng)
+            sock = (sockets or {}).get(listener.name) or bind_listener(listener)
+            rt.server = await self.loop.create_server(
+                functools.partial(DownstreamConnection, rt), sock=sock, backlog=1024
+            )
+            self.listeners[listener.name] = rt
+        try:
+            await self.clusters.initialized(timeout=10.0)
+        except TimeoutError:
+            log.warning("some DNS clusters have no hosts yet; serving anyway")
+
+    def flush_logs(self) -> None:
+        for rt in self.listeners.values():
+            for logger in rt.hcm.access_logs:
+                logger.flush()
+
+    def drain(self) -> None:
+        """Stop accepting; finish in-flight requests with ``connection: close``."""
+        for rt in self.listeners.values():
+            if rt.server is not None:
+                rt.server.close()
+            rt.drain()
+
+    def drain_connections(self) -> None:
+        """/healthcheck/fail: keep accepting, but close every connection after its response."""
+        for rt in self.listeners.values():
+            rt.drain()
+
+    @property
+    def active_connections(self) -> int:
+        return sum(len(rt.connections) for rt in self.listeners.values())
+
+    def stop(self) -> None:
+        self.clusters.stop()
+        for rt in self.listeners.values():
+            for conn in list(rt.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+        self.flush_logs()
+
+
+def bind_listener(listener: ListenerConfig) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so several workers can bind the same port."""
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((listener.host, listener.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

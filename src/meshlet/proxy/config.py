@@ -48,6 +48,9 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
             problems.extend(e)
     clusters: list[ClusterConfig] = []
     seen: set[str] = set()
+    # Names of clusters that failed to compile still count for route validation: one bad
+    # cluster should be reported once, not again by every route that names it.
+    named = {c.name for c in proto.static_resources.clusters}
     for i, c in enumerate(proto.static_resources.clusters):
         path = f"static_resources.clusters[{i}]"
         try:
@@ -74,7 +77,7 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         # Envoy validates clusters of inline (static) route configurations by default.
         table = listener.hcm.route_table
         route_path = join(path, "filter_chains[0].filters[0].typed_config.route_config")
-        for name in sorted(table.referenced_clusters() - seen):
+        for name in sorted(table.referenced_clusters() - named):
             problems.add(route_path, f"route names unknown cluster {name!r}")
         listeners.append(listener)
     problems.raise_if_any()

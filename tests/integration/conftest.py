@@ -27,7 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    "HttpConnectionManager"
+)
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 
@@ -65,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes; with Nagle on, the second waits for a delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -200,6 +205,10 @@ def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
 # -- proxy ----------------------------------------------------------------------------------------
 
 
+def _address(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
 def cluster(name: str, *ports: int, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
@@ -208,12 +217,7 @@ def cluster(name: str, *ports: int, **extra: Any) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
-                        for p in ports
-                    ]
-                }
+                {"lb_endpoints": [{"endpoint": {"address": _address(p)}} for p in ports]}
             ],
         },
         **extra,
@@ -245,13 +249,22 @@ def bootstrap(
     }
     return {
         "node": {"id": "test-node", "cluster": "test"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port or free_port()}}},
+        "admin": {"address": _address(admin_port or free_port())},
         "static_resources": {
             "listeners": [
                 {
                     "name": "listener_0",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port or free_port()}},
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
+                    "address": _address(listener_port or free_port()),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ]
+                        }
+                    ],
                 }
             ],
             "clusters": clusters,
@@ -312,10 +325,12 @@ def wait_ready(admin_port: int, process: subprocess.Popen[bytes], timeout: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited with {process.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r,
+        ):
+            if r.status == 200:
+                return
         time.sleep(0.05)
     raise TimeoutError("proxy did not become ready")
 
@@ -354,7 +369,9 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
             proxy.process.wait(10)
 
 
-def raw_request(port: int, data: bytes, *, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
+def raw_request(
+    port: int, data: bytes, *, timeout: float = 5.0, read_until_close: bool = True
+) -> bytes:
     """Send raw bytes on a fresh connection; return everything read until close or timeout."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
@@ -368,3 +385,267 @@ def raw_request(port: int, data: bytes, *, timeout: float = 5.0, read_until_clos
                 if not read_until_close:
                     break
         return b"".join(chunks)
+
+
+# -- helpers shared by the end-to-end tests ----------------------------------------------------
+
+FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+#: A compact access-log line for tests: status, flags, upstream host, path, response details.
+TEST_LOG_FORMAT = (
+    "%RESPONSE_CODE% %RESPONSE_FLAGS% %UPSTREAM_HOST% %REQ(:PATH)% %RESPONSE_CODE_DETAILS%\n"
+)
+
+
+def file_access_log(path: Path, log_format: str = TEST_LOG_FORMAT) -> dict[str, Any]:
+    """An HCM ``access_log`` list writing ``log_format`` lines to ``path``."""
+    return {
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": FILE_LOG,
+                    "path": str(path),
+                    "log_format": {"text_format_source": {"inline_string": log_format}},
+                },
+            }
+        ]
+    }
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 5.0) -> list[str]:
+    """The first ``count`` lines of a file the proxy writes (file logs flush every second)."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if len(lines) >= count:
+                return lines
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} lines in {path}, got {lines!r}")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # names lower-case; a repeated header keeps its values ", "-joined
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http_request(
+    port: int,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+) -> Response:
+    """One request on a fresh connection (``http.client``: any status is returned, not raised)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        got: dict[str, str] = {}
+        for k, v in r.getheaders():
+            k = k.lower()
+            got[k] = f"{got[k]}, {v}" if k in got else v
+        return Response(r.status, got, r.read())
+    finally:
+        conn.close()
+
+
+# -- raw HTTP/1.1 client and module-wide proxies (additive) ---------------------------------------
+
+
+def launch_proxy(
+    config: dict[str, Any], directory: Path, *args: str, name: str = "bootstrap"
+) -> Proxy:
+    """Run ``meshlet proxy`` on ``config`` (files in ``directory``) and wait until it is ready.
+
+    For fixtures wider than one test; stop it with ``stop_proxy``.
+    """
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    listener = config["static_resources"]["listeners"][0]
+    port = listener["address"]["socket_address"]["port_value"]
+    admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+    out, err = directory / f"{name}.out", directory / f"{name}.err"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        meshlet_cmd("proxy", "--config", str(path), *args),
+        stdout=out.open("wb"),
+        stderr=err.open("wb"),
+        env=env,
+    )
+    proxy = Proxy(process, path, port, admin_port, out, err)
+    try:
+        wait_ready(admin_port, process)
+    except Exception as e:
+        stop_proxy(proxy)
+        raise RuntimeError(f"{e}\nstderr:\n{err.read_text()}") from e
+    return proxy
+
+
+def stop_proxy(proxy: Proxy) -> None:
+    if proxy.process.poll() is None:
+        proxy.process.kill()
+        proxy.process.wait(10)
+
+
+@dataclass
+class RawResponse:
+    version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    chunked: bool = False
+
+    def header(self, name: str) -> str | None:
+        """The value of ``name`` (case-insensitive), repeated values joined with ``,``."""
+        values = self.header_all(name)
+        return ",".join(values) if values else None
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection before a whole response arrived."""
+
+
+class Client:
+    """A raw HTTP/1.1 client connection that frames responses exactly as RFC 9112 §6.3 says.
+
+    Nothing is normalised or retried, so a test sees what the proxy wrote: ``send`` raw bytes,
+    ``read_response(method)`` for the next response, ``at_eof()`` to check the proxy closed.
+    """
+
+    def __init__(self, port: int, *, timeout: float = 5.0) -> None:
+        self.sock: socket.socket | None = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout
+        )
+        self.buf = b""
+        self.eof = False
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Client:
+        """A reader over bytes already received (e.g. from ``raw_request``)."""
+        client = cls.__new__(cls)
+        client.sock, client.buf, client.eof = None, data, True
+        return client
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def send(self, data: bytes) -> None:
+        assert self.sock is not None
+        self.sock.sendall(data)
+
+    def request(
+        self, method: str, target: str, *headers: str, body: bytes = b"", host: str = "example.com"
+    ) -> None:
+        """Send a request; ``headers`` are ``"Name: value"`` strings (a Host is added)."""
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *headers]
+        framed = ("content-length:", "transfer-encoding:")
+        if body and not any(h.lower().startswith(framed) for h in headers):
+            lines.append(f"Content-Length: {len(body)}")
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def _fill(self) -> None:
+        if self.eof or self.sock is None:
+            self.eof = True
+            raise ConnectionClosed(f"closed with {self.buf[:200]!r} unread")
+        try:
+            data = self.sock.recv(1 << 20)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            raise ConnectionClosed(f"closed with {self.buf[:200]!r} unread")
+        self.buf += data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def read_response(self, method: str = "GET") -> RawResponse:
+        """The next response; 1xx interim responses are returned too (call again for the final)."""
+        version, _, rest = self._line().decode("latin-1").partition(" ")
+        code, _, reason = rest.partition(" ")
+        status = int(code)
+        headers = []
+        while line := self._line():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers.append((name, value.strip()))
+        response = RawResponse(version, status, reason, headers, b"")
+        if method == "HEAD" or status < 200 or status in (204, 304):
+            return response
+        te = response.header("transfer-encoding")
+        if te is not None:
+            assert te.lower() == "chunked", te
+            response.chunked = True
+            body = bytearray()
+            while True:
+                size = int(self._line().split(b";")[0], 16)
+                if size == 0:
+                    while self._line():  # trailers
+                        pass
+                    break
+                body += self._exactly(size)
+                assert self._exactly(2) == b"\r\n"
+            response.body = bytes(body)
+        elif (length := response.header("content-length")) is not None:
+            response.body = self._exactly(int(length))
+        else:  # delimited by the connection's close
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    self._fill()
+            response.body, self.buf = self.buf, b""
+        return response
+
+    def at_eof(self, timeout: float = 3.0) -> bool:
+        """True when the peer closes (FIN or RST) within ``timeout`` and sent nothing more."""
+        if self.buf:
+            return False
+        if self.eof:
+            return True
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            data = b""
+        if data:
+            self.buf += data
+            return False
+        self.eof = True
+        return True

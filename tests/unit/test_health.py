@@ -105,6 +105,10 @@ def test_http_options_are_read() -> None:
         (lambda p: p.ClearField("healthy_threshold"), "[0].healthy_threshold: is required"),
         (lambda p: p.interval.FromSeconds(0), "[0].interval: must be greater than 0"),
         (
+            lambda p: setattr(p.unhealthy_threshold, "value", 0),
+            "[0].unhealthy_threshold: must be at least 1",
+        ),
+        (
             lambda p: p.tcp_health_check.SetInParent(),
             "[0].tcp_health_check: is not supported by meshlet",
         ),
@@ -266,6 +270,7 @@ class Upstream:
         self.status = 200
         self.extra = b""
         self.silent = False
+        self.drop_second_request = False  # close a reused connection instead of answering
         self.requests: list[bytes] = []
         self.connections = 0
         self.server: asyncio.Server | None = None
@@ -276,10 +281,14 @@ class Upstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        served = 0
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.requests.append(head)
+                served += 1
+                if self.drop_second_request and served > 1:
+                    return  # as if its idle timeout fired just as the probe arrived
                 if self.silent:
                     await asyncio.Event().wait()  # never answer (the checker times out)
                 body = b"ok"
@@ -337,6 +346,26 @@ def test_probes_against_a_real_server_flip_health_and_reuse_the_connection() -> 
             upstream.extra = b"x-envoy-immediate-health-check-fail: true\r\n"
             await checker.check_once()
             assert host.failed_active_hc
+        finally:
+            checker.stop()
+            upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_reused_connection_closed_by_the_server_is_not_a_failure() -> None:
+    # Envoy reconnects when the server closes an idle health-check connection; the closing
+    # is not a verdict on the host.
+    async def scenario() -> None:
+        upstream = Upstream()
+        upstream.drop_second_request = True
+        port = await upstream.start()
+        host = Host("127.0.0.1", port)
+        checker, _ = run_checker([host], unhealthy_threshold=1)
+        try:
+            for _ in range(3):
+                assert await checker.probe(host) is Check.PASS
+            assert upstream.connections == 3
         finally:
             checker.stop()
             upstream.close()

@@ -300,6 +300,16 @@ def test_the_hash_key_chooses_the_priority_deterministically() -> None:
     assert lb.choose(LbContext(hash_key=70)) in p1  # roll 71
 
 
+def test_non_hashing_policies_roll_priorities_at_random_even_with_a_hash_key() -> None:
+    # load_balancer_impl.cc: only the hashing balancers choose the priority from the hash.
+    p0 = hosts_of(2, priority=0)
+    p0[0].failed_active_hc = True
+    p1 = hosts_of(2, priority=1)
+    lb = build_load_balancer(LbConfig(), p0 + p1, random.Random(1))
+    counts = picks(lb, 1000, LbContext(hash_key=69))
+    assert counts[p0[1]] > 500 and counts[p1[0]] + counts[p1[1]] > 200
+
+
 # -- round robin ------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ class ServerState:
     clusters: Callable[[], dict[str, Cluster]]
     snapshots: Callable[[], Awaitable[list[dict[str, Any]]]]
     quit: Callable[[], None]
-    set_health_failed: Callable[[bool], None]
+    set_health_failed: Callable[[bool], Awaitable[None]]  # every worker, before it returns
     command_line: dict[str, Any]
     started: float
     state: str = "PRE_INITIALIZING"  # LIVE, DRAINING, PRE_INITIALIZING, INITIALIZING
@@ -73,7 +73,7 @@ class AdminServer:
         if path in post:
             if method != "POST":
                 return 400, _TEXT, b"This endpoint requires POST\n"
-            return post[path](query)
+            return await post[path](query)
         if path in ("/stats/prometheus", "/stats"):
             snaps = merge_snapshots(await self.state.snapshots())
             if path == "/stats/prometheus" or query.get("format") == ["prometheus"]:
@@ -139,16 +139,16 @@ class AdminServer:
             return 200, _JSON, json.dumps(clusters_json(clusters), indent=2).encode()
         return 200, _TEXT, clusters_text(clusters).encode()
 
-    def _quit(self, query: dict[str, list[str]]) -> Response:
+    async def _quit(self, query: dict[str, list[str]]) -> Response:
         asyncio.get_running_loop().call_soon(self.state.quit)
         return 200, _TEXT, b"OK\n"
 
-    def _hc_fail(self, query: dict[str, list[str]]) -> Response:
-        self.state.set_health_failed(True)
+    async def _hc_fail(self, query: dict[str, list[str]]) -> Response:
+        await self.state.set_health_failed(True)  # every worker, before the answer
         return 200, _TEXT, b"OK\n"
 
-    def _hc_ok(self, query: dict[str, list[str]]) -> Response:
-        self.state.set_health_failed(False)
+    async def _hc_ok(self, query: dict[str, list[str]]) -> Response:
+        await self.state.set_health_failed(False)
         return 200, _TEXT, b"OK\n"
 
 
@@ -159,6 +159,16 @@ def clusters_text(clusters: dict[str, Cluster]) -> str:
         c = clusters[name]
         limits = c.limits
         lines.append(f"{name}::observability_name::{name}")
+        if c.outlier is not None:
+            # Envoy prints the success-rate figures of a cluster with outlier detection; meshlet
+            # has no success-rate detector, so they are Envoy's "no data" value.
+            for figure in (
+                "success_rate_average",
+                "success_rate_ejection_threshold",
+                "local_origin_success_rate_average",
+                "local_origin_success_rate_ejection_threshold",
+            ):
+                lines.append(f"{name}::outlier::{figure}::-1")
         for prio in ("default_priority", "high_priority"):
             lines.append(f"{name}::{prio}::max_connections::{limits.max_connections}")
             lines.append(f"{name}::{prio}::max_pending_requests::{limits.max_pending_requests}")

@@ -11,8 +11,11 @@ Rules it keeps (ENVOY-SEMANTICS §3, §6, §8):
 * the route timeout starts when the downstream request is complete and covers every retry;
   the per-try timeout covers one attempt; both give 504 ``upstream request timeout`` (UT);
 * nothing is retried once response bytes went downstream, nor after a circuit-breaker
-  overflow; a retry needs a free ``max_retries`` slot (else UO) and a replayable body
-  (bodies are kept for replay up to the cluster's buffer limit);
+  overflow; a retry needs a replayable body (bodies are kept for replay up to the cluster's
+  buffer limit) and a free ``max_retries`` slot, held from the retry decision until the next
+  decision or the end of the request, as Envoy's ``RetryStateImpl`` holds it. Without a slot
+  the failed attempt's own result goes downstream (its response, or its reset reply) with
+  flag UO added;
 * failures before the response starts become local replies with Envoy's bodies and flags;
   after it starts, the downstream connection is closed.
 """
@@ -73,7 +76,8 @@ class UpstreamRequest:
         "_per_try_timer",
         "_request_ended_at",
         "_retry",
-        "_retrying",
+        "_retry_slot",
+        "_retry_timer",
         "_tried",
         "_unsent",
         "_unsent_size",
@@ -119,7 +123,8 @@ class UpstreamRequest:
         self._request_ended_at: float | None = None
         self._global_timer: asyncio.TimerHandle | None = None
         self._per_try_timer: asyncio.TimerHandle | None = None
-        self._retrying = False
+        self._retry_slot = False  # this request holds one of the cluster's max_retries
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._paused_upstream = False
         self._done = False
 
@@ -269,18 +274,23 @@ class UpstreamRequest:
         if outlier is not None:
             outlier.report(host, status, now)
         retry = self._retry
-        if (
-            retry is not None
-            and not self.stream.response_started
-            and self._can_replay()
-            and retry.should_retry_status(status)
-        ):
-            self._end_attempt(error=status >= 500)
-            conn, self.conn = self.conn, None
-            if conn is not None:
-                conn.abort()
-            self._schedule_retry()
-            return
+        if retry is not None and not self.stream.response_started and self._can_replay():
+            self._release_retry_slot()
+            grpc = headers.get(b"grpc-status")
+            if (
+                retry.should_retry_status(
+                    status,
+                    grpc_status=int(grpc) if grpc is not None and grpc.isdigit() else None,
+                    ratelimited=b"x-envoy-ratelimited" in headers,
+                )
+                and self._take_retry_slot()
+            ):
+                self._end_attempt(error=status >= 500)
+                conn, self.conn = self.conn, None
+                if conn is not None:
+                    conn.abort()
+                self._schedule_retry()
+                return
         stream = self.stream
         info = stream.info
         if self._request_ended_at is not None:
@@ -341,12 +351,7 @@ class UpstreamRequest:
             self._finish()
             self.stream.reset(_RESET_FLAG[reason])
             return
-        retry = self._retry
-        if (
-            retry is not None
-            and self._can_replay()
-            and retry.should_retry_outcome(_RESET_OUTCOME[reason])
-        ):
+        if self._retry_granted(_RESET_OUTCOME[reason]):
             self._schedule_retry()
             return
         self._fail_reset(reason)
@@ -375,25 +380,40 @@ class UpstreamRequest:
     def _can_replay(self) -> bool:
         return self._body is not None or not self._attempt_sent
 
-    def _schedule_retry(self) -> None:
-        """A retry was granted by the policy: take a retry slot, back off, try again."""
-        cluster = self.cluster
+    def _retry_granted(self, outcome: Outcome) -> bool:
+        """An attempt failed without a response: may it be retried (policy, body, slot)?"""
         retry = self._retry
-        assert retry is not None
+        if retry is None or not self._can_replay():
+            return False
+        self._release_retry_slot()
+        return retry.should_retry_outcome(outcome) and self._take_retry_slot()
+
+    def _take_retry_slot(self) -> bool:
+        """The policy granted a retry: take one of the cluster's ``max_retries`` (else UO)."""
+        cluster = self.cluster
         if cluster.retries_active >= cluster.limits.max_retries:
             cluster.stats.upstream_rq_retry_overflow += 1
             self.stream.info.add_flag(Flag.UPSTREAM_OVERFLOW)
-            self._fail_reset(Reset.OVERFLOW)
-            return
+            return False
         cluster.stats.upstream_rq_retry += 1
         cluster.retries_active += 1
-        self._retrying = True
+        self._retry_slot = True
+        return True
+
+    def _release_retry_slot(self) -> None:
+        if self._retry_slot:
+            self._retry_slot = False
+            self.cluster.retries_active -= 1
+
+    def _schedule_retry(self) -> None:
+        """A retry was granted and has its slot: back off, then try again."""
+        retry = self._retry
+        assert retry is not None
         self._attempt_sent = False if self._body is not None else self._attempt_sent
-        self.rt.loop.call_later(retry.backoff(), self._retry_now)
+        self._retry_timer = self.rt.loop.call_later(retry.backoff(), self._retry_now)
 
     def _retry_now(self) -> None:
-        self.cluster.retries_active -= 1
-        self._retrying = False
+        self._retry_timer = None
         if self._done:
             return
         self._attempt()
@@ -423,12 +443,7 @@ class UpstreamRequest:
             if self.cluster.outlier is not None:
                 self.cluster.outlier.report(host, None, self.rt.loop.time())
         self._end_attempt(error=True)
-        retry = self._retry
-        if (
-            retry is not None
-            and self._can_replay()
-            and retry.should_retry_outcome(Outcome.PER_TRY_TIMEOUT)
-        ):
+        if self._retry_granted(Outcome.PER_TRY_TIMEOUT):
             self._schedule_retry()
             return
         self._timeout_reply()
@@ -476,6 +491,9 @@ class UpstreamRequest:
         self._done = True
         if self._global_timer is not None:
             self._global_timer.cancel()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._release_retry_slot()
         self._cancel_per_try()
         self._end_attempt(error=False)
         cluster = self.cluster
@@ -509,19 +527,27 @@ class UpstreamRequest:
             cluster = rt.clusters.get(mirror.cluster)
             if cluster is None:
                 continue
-            ShadowRequest(cluster, head, self._body, self.stream.request_chunked).start()
+            shadow = ShadowRequest(cluster, head, self._body, self.stream.request_chunked)
+            shadow.start(rt.loop, self.action.timeout)
 
 
 class ShadowRequest:
-    """A fire-and-forget copy of a request to a mirror cluster; its response is dropped."""
+    """A fire-and-forget copy of a request to a mirror cluster; its response is dropped.
 
-    __slots__ = ("_cluster", "_data", "_pool")
+    It lives at most the route's timeout, as Envoy's shadow requests do: a mirror that does
+    not answer must not hold connections (or pending slots) of its cluster for ever.
+    """
+
+    __slots__ = ("_cluster", "_conn", "_data", "_done", "_pool", "_timer")
 
     def __init__(
         self, cluster: Cluster, head: RequestHead, body: list[bytes], chunked: bool
     ) -> None:
         self._cluster = cluster
         self._pool: HostPool | None = None
+        self._conn: UpstreamConnection | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
         authority = _shadow_host(head.authority)
         headers = Headers([(k, v) for k, v in head.headers.items if k != b"transfer-encoding"])
         payload = b"".join(body)
@@ -541,30 +567,61 @@ class ShadowRequest:
             ]
         )
 
-    def start(self) -> None:
-        host = self._cluster.choose(LbContext())
+    def start(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        cluster = self._cluster
+        host = cluster.choose(LbContext())
         if host is None:
             return
-        pool = self._pool = self._cluster.pool(host)
-        pool.acquire(self)
+        cluster.stats.upstream_rq_total += 1
+        if timeout:
+            self._timer = loop.call_later(timeout, self._on_timeout)
+        pool = self._pool = cluster.pool(host)
+        if not pool.acquire(self):
+            self._finish()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        self._cluster.stats.upstream_rq_timeout += 1
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+        if self._pool is not None:
+            self._pool.cancel(self)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._pool = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def on_pool_ready(self, conn: UpstreamConnection) -> None:
+        if self._done:
+            self._cluster.pool(conn.host).release(conn)
+            return
+        self._pool = None
+        self._conn = conn
         conn.start(self, self._data, head_only=False)
 
     def on_pool_failure(self, reason: Reset) -> None:
-        pass
+        self._finish()
 
     def on_response_head(self, status: int, headers: Headers, keep_alive: bool) -> None:
-        pass
+        self._cluster.stats.record_response_code(status)
 
     def on_response_body(self, data: bytes) -> None:
         pass
 
     def on_response_end(self) -> None:
-        pass
+        self._conn = None
+        self._finish()
 
     def on_reset(self, reason: Reset) -> None:
-        pass
+        self._conn = None
+        self._finish()
 
     def flush(self) -> None:
         pass

@@ -2,9 +2,13 @@
 
 ``--concurrency N`` forks N-1 children after the configuration is compiled; the parent is
 worker 0 and also serves the admin endpoints, so no process sits idle (DESIGN: an idle parent
-costs ~22 MB). Every worker binds the listeners with SO_REUSEPORT. The parent reaches its
-children over a socketpair to sum their stats for ``/stats``; children die with the parent
-(PR_SET_PDEATHSIG), so nothing is ever orphaned.
+costs ~22 MB). The parent binds one SO_REUSEPORT socket per worker and listener before it
+forks, so that a port in use fails once, loudly, and every worker gets the same port even
+when the configuration says 0; it first checks that no other process listens there (which
+SO_REUSEPORT would otherwise allow). The parent reaches its children over a socketpair, one
+command line and one answer line at a time: ``stats`` (summed for ``/stats``), ``hc_fail`` and
+``hc_ok`` (``/healthcheck/*``). Children die with the parent (PR_SET_PDEATHSIG), so nothing
+is ever orphaned.
 
 Shutdown: SIGTERM, SIGINT and ``POST /quitquitquit`` drain: stop accepting, let requests in
 flight finish with ``connection: close`` for up to ``--drain-time`` seconds, then exit 0.
@@ -30,7 +34,7 @@ import uvloop
 from meshlet.proxy.admin import AdminProtocol, AdminServer, ServerState
 from meshlet.proxy.config import ProxyConfig
 from meshlet.proxy.telemetry.access_log import DEFAULT_MANAGER
-from meshlet.proxy.worker import Worker, bind_listener
+from meshlet.proxy.worker import Worker, bind_listener, check_port_free
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -50,7 +54,7 @@ class BindError(Exception):
 
 def run(config: ProxyConfig, options: ServerOptions) -> int:
     """Serve until told to stop; returns the exit code."""
-    sockets = _bind_all(config)  # bind in the parent first: a port in use fails loudly, once
+    per_worker = _bind_all(config, options.concurrency)
     children: list[tuple[int, socket.socket]] = []
     for index in range(1, options.concurrency):
         parent_end, child_end = socket.socketpair()
@@ -60,17 +64,21 @@ def run(config: ProxyConfig, options: ServerOptions) -> int:
             for _, sock in children:
                 sock.close()
             _die_with_parent()
-            for sock in sockets.values():
-                sock.close()
+            for i, socks in enumerate(per_worker):
+                if i != index:
+                    for sock in socks.values():
+                        sock.close()
             code = 1
             try:
-                code = _run_loop(_child_main(config, options, index, child_end))
+                code = _run_loop(_child_main(config, options, index, child_end, per_worker[index]))
             finally:
                 os._exit(code)
         child_end.close()
+        for sock in per_worker[index].values():
+            sock.close()  # the child's now
         children.append((pid, parent_end))
     try:
-        return _run_loop(_parent_main(config, options, sockets, children))
+        return _run_loop(_parent_main(config, options, per_worker[0], children))
     finally:
         for pid, _ in children:
             with contextlib.suppress(ProcessLookupError):
@@ -89,19 +97,25 @@ def _run_loop(main: Any) -> int:
         loop.close()
 
 
-def _bind_all(config: ProxyConfig) -> dict[str, socket.socket]:
-    sockets: dict[str, socket.socket] = {}
+def _bind_all(config: ProxyConfig, workers: int) -> list[dict[str, socket.socket]]:
+    """Every worker's listening sockets (index = worker), bound here in the parent."""
+    per_worker: list[dict[str, socket.socket]] = [{} for _ in range(workers)]
     for listener in config.listeners:
         try:
-            sockets[listener.name] = bind_listener(listener)
+            check_port_free(listener)
+            port = listener.port
+            for sockets in per_worker:
+                sock = sockets[listener.name] = bind_listener(listener, port)
+                port = sock.getsockname()[1]
         except OSError as e:
-            for s in sockets.values():
-                s.close()
+            for sockets in per_worker:
+                for s in sockets.values():
+                    s.close()
             raise BindError(
                 f"listener {listener.name}: cannot bind {listener.host}:{listener.port}: "
                 f"{e.strerror}"
             ) from e
-    return sockets
+    return per_worker
 
 
 def _die_with_parent() -> None:
@@ -145,11 +159,15 @@ async def _flush_logs_forever(worker: Worker) -> None:
 
 
 async def _child_main(
-    config: ProxyConfig, options: ServerOptions, index: int, control: socket.socket
+    config: ProxyConfig,
+    options: ServerOptions,
+    index: int,
+    control: socket.socket,
+    sockets: dict[str, socket.socket],
 ) -> int:
     loop = asyncio.get_running_loop()
     worker = Worker(config, loop, index=index, concurrency=options.concurrency)
-    await worker.start()
+    await worker.start(sockets)
     life = _Lifecycle(worker, options.drain_time)
     life.install_signals(loop)
     flusher = loop.create_task(_flush_logs_forever(worker))
@@ -166,11 +184,19 @@ async def _child_main(
 async def _serve_control(
     worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
-    """Answer the parent's ``stats`` requests with this worker's snapshot, one JSON line."""
+    """Answer the parent's commands, one line each: ``stats`` gets this worker's snapshot as
+    one JSON line; ``hc_fail`` / ``hc_ok`` get ``ok`` once applied."""
     while line := await reader.readline():
-        if line.strip() == b"stats":
-            writer.write(json.dumps(worker.stats.snapshot()).encode() + b"\n")
-            await writer.drain()
+        command = line.strip()
+        if command == b"stats":
+            answer = json.dumps(worker.stats.snapshot()).encode()
+        elif command in (b"hc_fail", b"hc_ok"):
+            worker.set_health_failed(command == b"hc_fail")
+            answer = b"ok"
+        else:
+            answer = b"unknown command"
+        writer.write(answer + b"\n")
+        await writer.drain()
 
 
 async def _parent_main(
@@ -188,25 +214,35 @@ async def _parent_main(
         channels.append(await asyncio.open_connection(sock=sock))
     lock = asyncio.Lock()
 
-    async def snapshots() -> list[dict[str, Any]]:
-        snaps = [worker.stats.snapshot()]
+    async def ask_children(command: bytes) -> list[bytes]:
+        """Send ``command`` to every child; their answer lines (a silent child is skipped)."""
+        answers = []
         async with lock:  # one outstanding question per child channel
             for reader, writer in channels:
                 try:
-                    writer.write(b"stats\n")
+                    writer.write(command + b"\n")
                     await writer.drain()
                     line = await asyncio.wait_for(reader.readline(), 2.0)
                     if line:
-                        snaps.append(json.loads(line))
-                except (TimeoutError, OSError, ValueError):
-                    log.warning("a worker did not report its stats")
+                        answers.append(line)
+                except (TimeoutError, OSError):
+                    log.warning("a worker did not answer %r", command.decode())
+        return answers
+
+    async def snapshots() -> list[dict[str, Any]]:
+        snaps = [worker.stats.snapshot()]
+        for line in await ask_children(b"stats"):
+            try:
+                snaps.append(json.loads(line))
+            except ValueError:
+                log.warning("a worker sent unreadable stats")
         return snaps
 
-    def set_health_failed(failed: bool) -> None:
+    async def set_health_failed(failed: bool) -> None:
         state.health_failed = failed
         state.state = "DRAINING" if failed or life.draining else "LIVE"
-        if failed:
-            worker.drain_connections()
+        worker.set_health_failed(failed)
+        await ask_children(b"hc_fail" if failed else b"hc_ok")
 
     def quit_() -> None:
         state.state = "DRAINING"
@@ -244,7 +280,9 @@ async def _parent_main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, quit_)
     flusher = loop.create_task(_flush_logs_forever(worker))
-    addresses = ", ".join(f"{lc.host}:{lc.port}" for lc in config.listeners)
+    addresses = ", ".join(
+        f"{lc.host}:{sockets[lc.name].getsockname()[1]}" for lc in config.listeners
+    )
     log.info(
         "meshlet proxy is live: listeners %s; admin %s; %d worker(s)",
         addresses or "(none)",

@@ -91,6 +91,13 @@ class ListenerRuntime:
         for conn in list(self.connections):
             conn.drain()
 
+    def undrain(self) -> None:
+        """/healthcheck/ok: connections stop closing after each response (Envoy's drainClose()
+        consults the health-check state on every response, so failing is reversible)."""
+        self.draining = False
+        for conn in self.connections:
+            conn.draining = False
+
 
 def _destination_service(cluster: str) -> str:
     """Istio's destination_service: the host in an Istio cluster name, else the cluster name.
@@ -120,6 +127,7 @@ class Worker:
         self.rng = random.Random()
         self.clusters = ClusterManager(self.stats, self.rng)
         self.listeners: dict[str, ListenerRuntime] = {}
+        self.shutting_down = False
 
     def __repr__(self) -> str:
         return f"<Worker {self.index} listeners={len(self.listeners)} {self.clusters!r}>"
@@ -146,15 +154,20 @@ class Worker:
 
     def drain(self) -> None:
         """Stop accepting; finish in-flight requests with ``connection: close``."""
+        self.shutting_down = True
         for rt in self.listeners.values():
             if rt.server is not None:
                 rt.server.close()
             rt.drain()
 
-    def drain_connections(self) -> None:
-        """/healthcheck/fail: keep accepting, but close every connection after its response."""
+    def set_health_failed(self, failed: bool) -> None:
+        """/healthcheck/fail: keep accepting, but close every connection after its response;
+        /healthcheck/ok: stop doing so (unless the worker is shutting down)."""
         for rt in self.listeners.values():
-            rt.drain()
+            if failed:
+                rt.drain()
+            elif not self.shutting_down:
+                rt.undrain()
 
     @property
     def active_connections(self) -> int:
@@ -169,13 +182,37 @@ class Worker:
         self.flush_logs()
 
 
-def bind_listener(listener: ListenerConfig) -> socket.socket:
-    """A listening socket with SO_REUSEPORT, so several workers can bind the same port."""
+def bind_listener(listener: ListenerConfig, port: int | None = None) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so several workers can bind the same port.
+
+    ``port`` overrides the configured one (workers after the first bind the port the first
+    one got when the configuration says 0).
+    """
     family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((listener.host, listener.port))
-    sock.listen(1024)
-    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((listener.host, listener.port if port is None else port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+def check_port_free(listener: ListenerConfig) -> None:
+    """Raise ``OSError`` (EADDRINUSE) if another socket listens on the listener's address.
+
+    SO_REUSEPORT would let a second proxy -- any process of the same user -- bind the same
+    port and silently take half of its connections. A probe without SO_REUSEPORT cannot bind
+    next to a listening socket, whatever options that one has; SO_REUSEADDR keeps it from
+    tripping over connections in TIME_WAIT.
+    """
+    if listener.port == 0:
+        return
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((listener.host, listener.port))

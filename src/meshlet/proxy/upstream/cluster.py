@@ -6,6 +6,12 @@ balancer built over them, per-host connection pools, circuit-breaker counts, out
 detection and active health checking. A ``ClusterManager`` owns them and swaps them when a
 new configuration arrives, keeping the live state of clusters whose configuration did not
 change.
+
+A cluster is *initialized* once it has its first host set (DNS clusters: the first answer)
+and, with active health checking, once every host has had its first check, as Envoy's
+``ClusterImplBase`` waits for the first round before the server goes LIVE. A passing active
+health check returns a host ejected by outlier detection (Envoy's
+``successful_active_health_check_uneject_host``, default true).
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2
 from meshlet.errors import ConfigError, ProblemList
 from meshlet.proxy.fields import check_fields, duration_field, join, uint_field
 from meshlet.proxy.telemetry.stats import ClusterStats, StatsStore
-from meshlet.proxy.upstream.health import HealthCheckConfig, HealthChecker, compile_health_checks
+from meshlet.proxy.upstream.health import (
+    Check,
+    HealthCheckConfig,
+    HealthChecker,
+    compile_health_checks,
+)
 from meshlet.proxy.upstream.host import Host, LbContext
 from meshlet.proxy.upstream.lb import LbConfig, LoadBalancer, build_load_balancer, compile_lb_config
 from meshlet.proxy.upstream.outlier import OutlierConfig, OutlierDetector, compile_outlier_config
@@ -37,12 +48,14 @@ _DISCOVERY = {
     cluster_pb2.Cluster.STRICT_DNS: "STRICT_DNS",
     cluster_pb2.Cluster.LOGICAL_DNS: "LOGICAL_DNS",
 }
-_FAMILIES = {
-    cluster_pb2.Cluster.AUTO: socket.AF_UNSPEC,
-    cluster_pb2.Cluster.V4_ONLY: socket.AF_INET,
-    cluster_pb2.Cluster.V6_ONLY: socket.AF_INET6,
-    cluster_pb2.Cluster.V4_PREFERRED: socket.AF_UNSPEC,
-    cluster_pb2.Cluster.ALL: socket.AF_UNSPEC,
+# dns_lookup_family -> (getaddrinfo family, preferred family or None). Envoy's rules: AUTO
+# uses IPv6 addresses when there are any, else IPv4; V4_PREFERRED the reverse; ALL keeps both.
+_FAMILIES: dict[int, tuple[int, int | None]] = {
+    cluster_pb2.Cluster.AUTO: (socket.AF_UNSPEC, socket.AF_INET6),
+    cluster_pb2.Cluster.V4_ONLY: (socket.AF_INET, None),
+    cluster_pb2.Cluster.V6_ONLY: (socket.AF_INET6, None),
+    cluster_pb2.Cluster.V4_PREFERRED: (socket.AF_UNSPEC, socket.AF_INET),
+    cluster_pb2.Cluster.ALL: (socket.AF_UNSPEC, None),
 }
 _CLUSTER_FIELDS = {
     "name",
@@ -101,7 +114,8 @@ class ClusterConfig:
     max_requests_per_connection: int  # 0 = unlimited
     buffer_limit: int  # bytes of request body kept for retries and mirrors
     dns_refresh_rate: float
-    dns_family: int
+    dns_family: int  # for getaddrinfo
+    dns_preferred: int | None  # the family used when the answer has both (None: keep both)
 
 
 def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
@@ -181,7 +195,8 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
         max_requests_per_connection=max_requests,
         buffer_limit=uint_field(proto, "per_connection_buffer_limit_bytes", 1024 * 1024),
         dns_refresh_rate=duration_field(proto, "dns_refresh_rate", 5.0) or 5.0,
-        dns_family=_FAMILIES.get(proto.dns_lookup_family, socket.AF_UNSPEC),
+        dns_family=_FAMILIES[proto.dns_lookup_family][0],
+        dns_preferred=_FAMILIES[proto.dns_lookup_family][1],
     )
 
 
@@ -288,11 +303,17 @@ class Cluster:
         self.initialized = asyncio.Event()
         self.outlier: OutlierDetector | None = None
         self._health: HealthChecker | None = None
+        self._health_checked: set[Host] = set()  # hosts that have had their first check
+        self._resolved = False  # the first host set is known
+        self._resolved_hosts: dict[int, list[Host]] = {}  # DNS: endpoint index -> its hosts
         self._timers: list[asyncio.TimerHandle] = []
         self._dns_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
         if config.discovery == "STATIC":
             self._set_hosts([_host(ep, ep.address) for ep in config.endpoints])
-            self.initialized.set()
+            self._resolved = True
+            if config.health is None:
+                self.initialized.set()
 
     def __repr__(self) -> str:
         healthy = sum(1 for h in self.hosts if h.healthy)
@@ -326,12 +347,30 @@ class Cluster:
             self._schedule_sweep()
         if self.config.health is not None:
             self._health = HealthChecker(
-                self.config.health, lambda: self.hosts, self.health_changed
+                self.config.health,
+                lambda: self.hosts,
+                self.health_changed,
+                on_result=self._health_checked_host,
             )
             for host in self.hosts:
                 host.failed_active_hc = True
             self.health_changed()
+            self._maybe_initialized()
             self._health.start()
+
+    def _health_checked_host(self, host: Host, check: Check) -> None:
+        """Every active health check verdict (after the host's flags were updated)."""
+        if self.outlier is not None and check is Check.PASS:
+            self.outlier.health_check_passed(host, asyncio.get_running_loop().time())
+        if not self.initialized.is_set():
+            self._health_checked.add(host)
+            self._maybe_initialized()
+
+    def _maybe_initialized(self) -> None:
+        if not self._resolved or self.initialized.is_set():
+            return
+        if self._health is None or self._health_checked.issuperset(self.hosts):
+            self.initialized.set()
 
     def stop(self) -> None:
         self.closed = True
@@ -341,6 +380,8 @@ class Cluster:
             self._dns_task.cancel()
         if self._health is not None:
             self._health.stop()
+        if self._health_task is not None:
+            self._health_task.cancel()
         for pool in self.pools.values():
             pool.close_idle()
 
@@ -359,10 +400,23 @@ class Cluster:
             if host not in alive:
                 self.pools.pop(host).close_idle()
         if self._health is not None:
-            for host in hosts:
-                if host.cx_total == 0 and host.rq_total == 0 and host not in self.pools:
-                    host.failed_active_hc = True
+            new = [h for h in hosts if h.cx_total == 0 and h.rq_total == 0 and h not in self.pools]
+            for host in new:
+                host.failed_active_hc = True
+            if new and not self._resolved:
+                # The first DNS answer: check its hosts now rather than an interval later, so
+                # that initialization does not wait for the next round. (Later additions wait
+                # for the round: two probes of one host must not share its connection.)
+                self._health_task = asyncio.get_running_loop().create_task(self._check(new))
         self.health_changed()
+
+    async def _check(self, hosts: list[Host]) -> None:
+        health = self._health
+        if health is None:
+            return
+        checks = await asyncio.gather(*(health.probe(h) for h in hosts))
+        if self._health is health and not self.closed:
+            health.apply(list(zip(hosts, checks, strict=True)))
 
     def _schedule_sweep(self) -> None:
         assert self.config.outlier is not None
@@ -384,26 +438,34 @@ class Cluster:
                 await self._resolve(loop)
             except Exception:  # a resolver failure keeps the last good host set
                 log.exception("cluster %s: DNS resolution failed", self.name)
-            self.initialized.set()
+            self._resolved = True
+            self._maybe_initialized()
             await asyncio.sleep(self.config.dns_refresh_rate)
 
     async def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
         current = {(h.address, h.port): h for h in self.hosts}
         new: list[Host] = []
-        for ep in self.config.endpoints:
+        config = self.config
+        for i, ep in enumerate(config.endpoints):
             try:
                 infos = await loop.getaddrinfo(
-                    ep.address, ep.port, family=self.config.dns_family, type=socket.SOCK_STREAM
+                    ep.address, ep.port, family=config.dns_family, type=socket.SOCK_STREAM
                 )
             except OSError as e:
+                # A failed lookup keeps what the endpoint resolved to last time (Envoy); only a
+                # successful answer changes the host set.
                 log.warning("cluster %s: cannot resolve %s: %s", self.name, ep.address, e)
+                new.extend(self._resolved_hosts.get(i, []))
                 continue
+            if config.dns_preferred is not None:
+                preferred = [info for info in infos if info[0] == config.dns_preferred]
+                infos = preferred or infos
             addresses = _unique(str(info[4][0]) for info in infos)
-            if self.config.discovery == "LOGICAL_DNS":
+            if config.discovery == "LOGICAL_DNS":
                 addresses = addresses[:1]  # only the first address, for new connections
-            for address in addresses:
-                host = current.get((address, ep.port)) or _host(ep, address)
-                new.append(host)
+            hosts = [current.get((a, ep.port)) or _host(ep, a) for a in addresses]
+            self._resolved_hosts[i] = hosts
+            new.extend(hosts)
         if [h.key for h in new] != [h.key for h in self.hosts]:
             self._set_hosts(new)
 

@@ -130,7 +130,9 @@ def compile_health_checks(
     for name in ("unhealthy_threshold", "healthy_threshold"):
         if not proto.HasField(name):
             raise ConfigError.at(join(path, name), "is required")
-        thresholds[name] = max(1, getattr(proto, name).value)
+        thresholds[name] = getattr(proto, name).value
+        if thresholds[name] < 1:
+            raise ConfigError.at(join(path, name), "must be at least 1")
     http = proto.http_health_check
     hpath = join(path, "http_health_check")
     check_fields(http, hpath, _HTTP_FIELDS)
@@ -443,17 +445,21 @@ class HealthChecker:
         if conn is not None and (conn[0].at_eof() or conn[1].is_closing()):
             conn[1].close()
             conn = None
-        if conn is None:
+        head: bytes | None = None
+        if conn is not None:
+            try:
+                head = await self._send(host, conn)
+            except ConnectionError:
+                head = None
+            if head is None:  # the server closed the idle connection: not the host's fault
+                self._drop(host)
+        if head is None:
             conn = await asyncio.open_connection(host.address, config.alt_port or host.port)
-        reader, writer = conn
-        self._connections[host] = conn  # until proven unusable
-        writer.write(self._request)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as e:
-            raise _ProbeError("connection closed before a response") from e
-        except asyncio.LimitOverrunError as e:
-            raise _ProbeError("response head too large") from e
+            head = await self._send(host, conn)
+            if head is None:
+                raise _ProbeError("connection closed before a response")
+        assert conn is not None
+        reader = conn[0]
         status, headers = _parse_head(head)
         length = headers.get(b"content-length")
         keep = (
@@ -471,6 +477,22 @@ class HealthChecker:
         if not keep:
             self._drop(host)
         return verdict(status, IMMEDIATE_FAIL_HEADER in headers, config)
+
+    async def _send(
+        self, host: Host, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+    ) -> bytes | None:
+        """Write the probe and read the response head; None if closed before any byte."""
+        reader, writer = conn
+        self._connections[host] = conn  # until proven unusable
+        writer.write(self._request)
+        try:
+            return await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                return None
+            raise _ProbeError("connection closed in the middle of a response") from e
+        except asyncio.LimitOverrunError as e:
+            raise _ProbeError("response head too large") from e
 
     def _drop(self, host: Host) -> None:
         conn = self._connections.pop(host, None)

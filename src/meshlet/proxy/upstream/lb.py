@@ -299,26 +299,37 @@ def build_load_balancer(
         pickers.append((cumulative, _picker(config, chosen, rng)))
     if len(pickers) == 1:
         return pickers[0][1]  # one level takes all the traffic: no roll per request
-    return PriorityBalancer(pickers, load, rng)
+    hashing = config.policy in (Policy.RING_HASH, Policy.MAGLEV)
+    return PriorityBalancer(pickers, load, rng, hashing=hashing)
 
 
 class PriorityBalancer:
-    """Rolls a priority level by its load (the hash key's, if any), then asks its picker."""
+    """Rolls a priority level by its load, then asks that level's picker.
 
-    __slots__ = ("_levels", "_load", "_rng")
+    Hashing policies roll with the request's hash key (so a key keeps its priority, as in
+    Envoy's ``ThreadAwareLoadBalancerBase``); the others, and keyless requests, at random.
+    """
+
+    __slots__ = ("_hashing", "_levels", "_load", "_rng")
 
     def __init__(
-        self, levels: list[tuple[int, LoadBalancer]], load: PriorityLoad, rng: random.Random
+        self,
+        levels: list[tuple[int, LoadBalancer]],
+        load: PriorityLoad,
+        rng: random.Random,
+        *,
+        hashing: bool = False,
     ) -> None:
         self._levels = levels  # (cumulative percent, picker)
         self._load = load
         self._rng = rng
+        self._hashing = hashing
 
     def __repr__(self) -> str:
         return f"<PriorityBalancer loads={list(self._load.loads)} panic={list(self._load.panic)}>"
 
     def choose(self, ctx: LbContext) -> Host | None:
-        key = ctx.hash_key
+        key = ctx.hash_key if self._hashing else None
         roll = (self._rng.getrandbits(64) if key is None else key) % 100 + 1  # 1..100 (Envoy)
         chosen = self._levels[-1][1]
         for limit, picker in self._levels:
@@ -583,7 +594,7 @@ class RingHash:
         if i == len(ring):
             i = 0
         host = ring[i]
-        if ctx.excluded and host in ctx.excluded:
+        if ctx.excluded and host in ctx.excluded and not ctx.excluded.issuperset(self._hosts):
             n = len(ring)
             for step in range(1, n):  # walk on to the next host not excluded
                 other = ring[(i + step) % n]
@@ -619,7 +630,7 @@ class Maglev:
         m = len(table)
         i = key % m
         host = self._hosts[table[i]]
-        if ctx.excluded and host in ctx.excluded:
+        if ctx.excluded and host in ctx.excluded and not ctx.excluded.issuperset(self._hosts):
             for step in range(1, m):  # walk on to the next host not excluded
                 other = self._hosts[table[(i + step) % m]]
                 if other not in ctx.excluded:

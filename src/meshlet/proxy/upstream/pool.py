@@ -3,8 +3,11 @@
 Envoy's HTTP/1 pool rules (ENVOY-SEMANTICS §6): one request in flight per connection, no
 pipelining; a new connection is opened while the cluster is under ``max_connections``,
 otherwise the request waits in the pending queue (bounded by ``max_pending_requests``, overflow
-is the caller's 503 UO). Idle connections close after the cluster's idle timeout and after
-``max_requests_per_connection`` requests.
+is the caller's 503 UO). A host with no connection at all still gets one at the limit, so its
+requests are never stuck behind other hosts' connections (``conn_pool_base.cc``
+``tryCreateNewConnection``). A failed connect fails every pending request of the pool (Envoy
+purges them; the router may retry). Idle connections close after the cluster's idle timeout
+and after ``max_requests_per_connection`` requests.
 
 The pool decides synchronously and hands connections to ``PoolWaiter`` callbacks; only opening
 a connection needs a task (``loop.create_connection``).
@@ -272,11 +275,19 @@ class HostPool:
         cluster.stats.upstream_rq_pending_total += 1
         cluster.stats.upstream_rq_pending_active += 1
         if self.connecting < len(self._pending):
-            if cluster.cx_active + cluster.cx_connecting >= cluster.limits.max_connections:
-                cluster.stats.upstream_cx_overflow += 1
-            else:
-                self._connect()
+            self._maybe_connect()
         return True
+
+    def _maybe_connect(self) -> None:
+        """Open a connection for the pending queue if the circuit breaker (or Envoy's rule for
+        a host with no connection) allows it."""
+        cluster = self.cluster
+        if cluster.cx_active + cluster.cx_connecting < cluster.limits.max_connections:
+            self._connect()
+            return
+        cluster.stats.upstream_cx_overflow += 1
+        if not self.open and not self.connecting:
+            self._connect()
 
     def cancel(self, waiter: PoolWaiter) -> None:
         try:
@@ -317,9 +328,7 @@ class HostPool:
         if conn in self._idle:
             self._idle.remove(conn)
         if self._pending and self.connecting < len(self._pending) and not self.cluster.closed:
-            cluster = self.cluster
-            if cluster.cx_active + cluster.cx_connecting < cluster.limits.max_connections:
-                self._connect()
+            self._maybe_connect()
 
     def close_idle(self) -> None:
         for conn in list(self._idle):
@@ -361,8 +370,11 @@ class HostPool:
             assert reason is not None
             cluster.stats.upstream_cx_connect_fail += 1
             host.cx_connect_fail += 1
-            if self._pending:
-                self._next_waiter().on_pool_failure(reason)
+            # Every waiter fails, not just one: nothing else would connect for them. Taken out
+            # first, so a retry that acquires again from its callback is not failed with them.
+            waiters = [self._next_waiter() for _ in range(len(self._pending))]
+            for waiter in waiters:
+                waiter.on_pool_failure(reason)
             return
         self.open.add(conn)
         cluster.cx_active += 1

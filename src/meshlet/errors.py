@@ -23,8 +23,12 @@ class Problem:
     line: int | None = None
 
     def render(self, source: str | None) -> str:
-        where = [p for p in (source, str(self.line) if self.line else None, self.path) if p]
-        return ": ".join([*where, self.message])
+        """``file:line: field.path: message`` (parts that are unknown are left out)."""
+        where = source or ""
+        if self.line:
+            where = f"{where}:{self.line}" if where else f"line {self.line}"
+        parts = [p for p in (where, self.path) if p]
+        return ": ".join([*parts, self.message])
 
 
 class ConfigError(MeshletError):

@@ -31,14 +31,14 @@ def test_the_example_bootstrap_compiles():
 def test_yaml_syntax_error_names_file_and_line():
     with pytest.raises(ConfigError) as e:
         parse_bootstrap("static_resources:\n  clusters: [\n", "b.yaml")
-    assert str(e.value).startswith("b.yaml: 3: invalid YAML")
+    assert str(e.value).startswith("b.yaml:3: invalid YAML")
 
 
 def test_unknown_field_is_named_with_its_line():
     text = "static_resources:\n  clusters:\n  - name: a\n    bogus: 1\n"
     with pytest.raises(ConfigError) as e:
         parse_bootstrap(text, "b.yaml")
-    assert str(e.value) == "b.yaml: 4: static_resources.clusters[0].bogus: unknown field"
+    assert str(e.value) == "b.yaml:4: static_resources.clusters[0].bogus: unknown field"
 
 
 def test_unsupported_lb_policy_lists_the_supported_ones():
@@ -48,7 +48,7 @@ def test_unsupported_lb_policy_lists_the_supported_ones():
     (line,) = str(e.value).splitlines()  # the route naming the bad cluster is not blamed too
     assert "static_resources.clusters[0].lb_policy: CLUSTER_PROVIDED is not supported" in line
     assert "(supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)" in line
-    assert line.startswith("b.yaml: ")
+    assert line.startswith("b.yaml:")
 
 
 def test_every_problem_is_reported_one_line_each():

@@ -28,7 +28,7 @@ from meshlet.proxy import framing
 from meshlet.proxy.headers import Headers, RequestHead
 from meshlet.proxy.retry import Outcome, RetryState
 from meshlet.proxy.stream_info import Flag
-from meshlet.proxy.upstream.host import Host, LbContext
+from meshlet.proxy.upstream.host import NO_CONTEXT, Host, LbContext
 from meshlet.proxy.upstream.pool import HostPool, Reset, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ _RESET_FLAG = {
     Reset.LOCAL: Flag.LOCAL_RESET,
     Reset.OVERFLOW: Flag.UPSTREAM_OVERFLOW,
 }
-_HIGH_WATER = 64 * 1024  # request bytes held while no upstream connection takes them
+_HIGH_WATER = 64 * 1024
+_NONE: frozenset[Host] = frozenset()  # request bytes held while no upstream connection takes them
 
 
 class UpstreamRequest:
@@ -157,10 +158,13 @@ class UpstreamRequest:
         if not self.stream.hcm.suppress_envoy_headers:
             timeout = self.action.timeout
             policy = self.action.retry_policy
-            per_try = getattr(policy, "per_try_timeout", None)
-            expected = min(t for t in (timeout, per_try) if t) if (timeout or per_try) else 0
+            per_try = policy.per_try_timeout if policy is not None else None
+            expected = per_try if per_try and (not timeout or per_try < timeout) else timeout
             if expected:
-                headers.set(b"x-envoy-expected-rq-timeout-ms", b"%d" % int(expected * 1000))
+                # Clients cannot send this header (it is stripped on the way in): append.
+                headers.items.append(
+                    (b"x-envoy-expected-rq-timeout-ms", b"%d" % int(expected * 1000))
+                )
         return b"".join(
             [
                 head.method,
@@ -181,8 +185,11 @@ class UpstreamRequest:
         head = self.stream.head
         assert head is not None
         key = hash_policy.compute(head, self.stream.conn.peer_ip) if hash_policy else None
-        previous = self._retry is not None and self._retry.policy.previous_hosts
-        ctx = LbContext(hash_key=key, excluded=frozenset(self._tried) if previous else frozenset())
+        previous = self._tried and self._retry is not None and self._retry.policy.previous_hosts
+        if key is None and not previous:
+            ctx = NO_CONTEXT  # the common case: no allocation
+        else:
+            ctx = LbContext(hash_key=key, excluded=frozenset(self._tried) if previous else _NONE)
         host = cluster.choose(ctx)
         if host is None:
             self._local_failure(503, _NO_HEALTHY, Flag.NO_HEALTHY_UPSTREAM, "no_healthy_upstream")
@@ -207,24 +214,30 @@ class UpstreamRequest:
         host.rq_active += 1
         host.rq_total += 1
         self._host_active = True
-        data = [self._head_bytes]
-        chunked = self.stream.request_chunked
+        stream = self.stream
+        chunked = stream.request_chunked
         if self._body is not None:
             chunks = self._body
         elif not self._attempt_sent:
             chunks = self._unsent
         else:
             chunks = []
-        data.extend(framing.chunk(c) for c in chunks) if chunked else data.extend(chunks)
-        self._unsent = []
-        self._unsent_size = 0
-        self.stream.conn.resume_reading("router")
-        if self._request_ended_at is not None and chunked:
-            data.append(framing.LAST_CHUNK)
+        if chunks or chunked:
+            data = [self._head_bytes]
+            data.extend(framing.chunk(c) for c in chunks) if chunked else data.extend(chunks)
+            if self._request_ended_at is not None and chunked:
+                data.append(framing.LAST_CHUNK)
+            payload = b"".join(data)
+        else:
+            payload = self._head_bytes  # no body: the head alone, no copy
+        if self._unsent_size:
+            self._unsent = []
+            self._unsent_size = 0
+            stream.conn.resume_reading("router")
         self._attempt_sent = True
-        head = self.stream.head
+        head = stream.head
         assert head is not None
-        conn.start(self, b"".join(data), head_only=head.method == b"HEAD")
+        conn.start(self, payload, head_only=head.method == b"HEAD")
         if self._request_ended_at is not None:
             self._arm_per_try()
 
@@ -274,7 +287,13 @@ class UpstreamRequest:
         if outlier is not None:
             outlier.report(host, status, now)
         retry = self._retry
-        if retry is not None and not self.stream.response_started and self._can_replay():
+        # Only error statuses are retried over HTTP/1 (gRPC statuses need HTTP/2).
+        if (
+            retry is not None
+            and status >= 400
+            and not self.stream.response_started
+            and self._can_replay()
+        ):
             self._release_retry_slot()
             grpc = headers.get(b"grpc-status")
             if (

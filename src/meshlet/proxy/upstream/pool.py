@@ -73,8 +73,10 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_head_only",
         "_headers",
+        "_idle_since",
         "_idle_timer",
         "_keep_alive",
+        "_loop",
         "_parser",
         "_status",
         "host",
@@ -96,6 +98,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = True
         self._head_only = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._loop = asyncio.get_running_loop()
 
     def __repr__(self) -> str:
         state = "busy" if self.owner else "idle"
@@ -105,9 +109,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def start(self, owner: ResponseHandler, data: bytes, *, head_only: bool) -> None:
         """Begin an exchange: ``data`` is the request head (and any body at hand)."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self.owner = owner
         self.requests += 1
         self._head_only = head_only
@@ -218,10 +219,30 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- pool side ---------------------------------------------------------------------------
 
-    def arm_idle_timer(self, timeout: float | None) -> None:
-        if timeout:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(timeout, self._close)
+    def went_idle(self, timeout: float | None) -> None:
+        """The connection is idle from now; close it once idle for ``timeout`` seconds.
+
+        A lazy timer: it is armed once and, when it fires, re-armed for whatever is left, so
+        a busy connection costs one clock read per request instead of a timer per request.
+        """
+        if not timeout:
+            return
+        loop = self._loop
+        self._idle_since = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_later(timeout, self._idle_check, timeout)
+
+    def _idle_check(self, timeout: float) -> None:
+        self._idle_timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        remaining = (
+            timeout if self.owner is not None else self._idle_since + timeout - self._loop.time()
+        )
+        if remaining <= 0:
+            self._close()
+        else:
+            self._idle_timer = self._loop.call_later(remaining, self._idle_check, timeout)
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -261,9 +282,6 @@ class HostPool:
         while idle:
             conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
-                if conn._idle_timer is not None:
-                    conn._idle_timer.cancel()
-                    conn._idle_timer = None
                 waiter.on_pool_ready(conn)
                 return True
         cluster = self.cluster
@@ -315,7 +333,7 @@ class HostPool:
             self._next_waiter().on_pool_ready(conn)
             return
         self._idle.append(conn)
-        conn.arm_idle_timer(self.cluster.config.idle_timeout)
+        conn.went_idle(self.cluster.config.idle_timeout)
 
     def forget(self, conn: UpstreamConnection) -> None:
         """A connection closed: drop it from the pool's books."""
@@ -384,4 +402,4 @@ class HostPool:
             self._next_waiter().on_pool_ready(conn)
         else:
             self._idle.append(conn)
-            conn.arm_idle_timer(cluster.config.idle_timeout)
+            conn.went_idle(cluster.config.idle_timeout)

@@ -94,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and status >= 200 and status not in (204, 304):
             self.wfile.write(body)
 
     def _handle(self) -> None:

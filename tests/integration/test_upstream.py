@@ -309,6 +309,24 @@ def test_upstream_closing_mid_request_gives_503_with_flag_uc(upstream, start_pro
     assert flags(wait_for_lines(log, 1)[0]) == {"UC"}
 
 
+def test_a_body_ended_by_the_upstream_closing_is_relayed_complete(upstream, start_proxy, tmp_path):
+    # RFC 9112 §6.3 rule 8: without Content-Length or chunking, the body ends at close. The
+    # proxy re-frames it (chunked to an HTTP/1.1 client) and ends it properly: no UC.
+    def close_delimited(handler: BaseHTTPRequestHandler) -> None:
+        handler.wfile.write(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n" + b"z" * 5000)
+        handler.wfile.flush()
+        handler.close_connection = True
+
+    upstream.override = close_delimited
+    log = tmp_path / "access.log"
+    proxy = start_logged(start_proxy, log, [cluster("web", upstream.port)])
+    r = http_request(proxy.port, "/")
+    assert r.status == 200
+    assert r.body == b"z" * 5000
+    assert r.headers.get("transfer-encoding") == "chunked"
+    assert flags(wait_for_lines(log, 1)[0]) == {"-"}
+
+
 def test_malformed_upstream_response_gives_502_with_flag_upe(upstream, start_proxy, tmp_path):
     # ENVOY-SEMANTICS §8: upstream protocol error => 502 reset body, flag UPE.
     log = tmp_path / "access.log"

@@ -15,6 +15,11 @@ router (``meshlet.proxy.router``), which writes the response back through ``Stre
 
 Backpressure both ways: the router pauses this connection's reading while the upstream's send
 buffer is full, and this connection pauses the upstream's reading while the client's is full.
+
+A connection that cannot go on (a malformed request, a timeout, a refused upgrade) stops
+*reading* at once (``closing``) but still answers, in order, the requests parsed before the bad
+one; then it shuts its write side and drops what the client still sends for up to Envoy's
+``delayed_close_timeout``, so that the client reads our last response instead of a reset.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ log = logging.getLogger("meshlet.http1")
 
 _QUEUED_BODY_HIGH_WATER = 256 * 1024
 _FAULT_ABORT_BODY = b"fault filter abort"
+_STREAM_TIMEOUT_BODY = b"stream timeout"
+_DELAYED_CLOSE = 1.0  # Envoy's delayed_close_timeout default
+# No downstream TLS yet: x-forwarded-proto says so, whatever scheme an absolute-form target names.
+_DOWNSTREAM_SCHEME = b"http"
 
 
 class Stream:
@@ -59,13 +68,18 @@ class Stream:
         "conn",
         "expect_continue",
         "expects_body",
+        "failure",
+        "fault_active",
         "hcm",
         "head",
         "headers_done",
+        "idle_timeout",
         "info",
+        "last_active",
         "out",
         "request_chunked",
         "request_complete",
+        "request_timer",
         "response_complete",
         "response_head_only",
         "response_started",
@@ -95,7 +109,14 @@ class Stream:
         self.chunked_out = False
         self.close_after = False
         self.out: list[bytes] = []  # response bytes gathered during one upstream read
-        self.timers: list[asyncio.TimerHandle] = []
+        self.request_timer: asyncio.TimerHandle | None = None  # request_timeout
+        self.idle_timeout = 0.0  # stream_idle_timeout (the route's, once routed); 0: none
+        self.last_active = 0.0  # loop time of the last activity either way
+        self.timers: list[asyncio.TimerHandle] = []  # others (fault delay): end with the stream
+        self.fault_active = False  # counted in the active-faults gauges until it ends
+        # A local reply owed once the requests before this one are answered: the connection
+        # failed here (malformed request, timeout) and closes after it.
+        self.failure: tuple[int, bytes, str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -106,6 +127,7 @@ class Stream:
 
     def on_body(self, data: bytes) -> None:
         self.info.bytes_received += len(data)
+        self.last_active = self.conn.runtime.loop.time()
         router = self.router
         if router is not None:
             router.on_request_body(data)
@@ -114,9 +136,10 @@ class Stream:
 
     def on_request_complete(self) -> None:
         self.request_complete = True
-        for t in self.timers:
-            t.cancel()  # request_timeout covers receiving the request only
-        self.timers.clear()
+        self.last_active = self.conn.runtime.loop.time()
+        if self.request_timer is not None:
+            self.request_timer.cancel()  # request_timeout covers receiving the request only
+            self.request_timer = None
         if self.router is not None:
             self.router.on_request_end()
 
@@ -129,6 +152,14 @@ class Stream:
         if self.request_complete:
             router.on_request_end()
 
+    def cancel_timers(self) -> None:
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+
     # -- response, from the router or a local reply ------------------------------------------
 
     def start_response(self, status: int, headers: Headers, *, upstream: bool) -> None:
@@ -137,19 +168,29 @@ class Stream:
         assert head is not None
         hcm = self.hcm
         self.response_started = True
+        self.last_active = self.conn.runtime.loop.time()
         info = self.info
         info.response_code = status
-        out = Headers([(k, v) for k, v in headers.items if k not in framing.HOP_BY_HOP])
+        hop = framing.HOP_BY_HOP
+        items = headers.items
+        kept = [(k, v) for k, v in items if k not in hop]
+        if len(kept) != len(items):
+            # RFC 9110 §7.6.1: the fields a Connection header names are hop-by-hop too.
+            connection = headers.joined(b"connection")
+            if connection:
+                named = {t.strip().lower() for t in connection.split(b",")}
+                kept = [(k, v) for k, v in kept if k not in named]
+        out = Headers(kept)
         no_body = head.method == b"HEAD" or status in (204, 304) or status < 200
         self.response_head_only = no_body
-        if not no_body and b"content-length" not in out:
+        if status == 204 or status < 200:
+            out.remove(b"content-length")  # RFC 9110 §8.6: never on 1xx and 204
+        elif not no_body and b"content-length" not in out:
             if head.version == b"1.1":
                 self.chunked_out = True
                 out.add(b"transfer-encoding", b"chunked")
             else:
                 self.close_after = True  # HTTP/1.0: the body ends when the connection does
-        elif not no_body and upstream is False and b"content-length" not in out:
-            out.add(b"content-length", b"0")
         if hcm.server_name is not None:
             if hcm.server_append_if_absent:
                 out.setdefault(b"server", hcm.server_name)
@@ -172,6 +213,7 @@ class Stream:
     def send_body(self, data: bytes) -> None:
         if self.response_head_only or not data:
             return
+        self.last_active = self.conn.runtime.loop.time()
         self.info.bytes_sent += len(data)
         self.out.append(framing.chunk(data) if self.chunked_out else data)
 
@@ -230,12 +272,20 @@ class DownstreamConnection(asyncio.Protocol):
     """One client connection to a listener."""
 
     __slots__ = (
+        "_close_timer",
         "_hdr_bytes",
         "_hdrs",
+        "_head_pending",
+        "_head_wire",
         "_headers_timer",
+        "_host_seen",
         "_idle_timer",
         "_paused_by",
         "_queued_bytes",
+        "_reparse",
+        "_shut",
+        "_stream_idle_at",
+        "_stream_idle_timer",
         "closed",
         "closing",
         "draining",
@@ -258,15 +308,25 @@ class DownstreamConnection(asyncio.Protocol):
         self.peer_ip = b""
         self.local = ""
         self.closed = False
-        self.closing = False
+        self.closing = False  # no more requests are read; those parsed are still answered
+        self._shut = False  # our write side is shut (or the connection is gone): write nothing
         self.draining = runtime.draining
         self.writing_paused = False
         self._paused_by: set[str] = set()
         self._queued_bytes = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._headers_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        # One stream-idle timer per connection, not per request (a timer is ~2 µs of a ~25 µs
+        # request): it watches the head stream and is re-armed only when it fires too early.
+        self._stream_idle_timer: asyncio.TimerHandle | None = None
+        self._stream_idle_at = 0.0
         self._hdrs: list[tuple[bytes, bytes]] = []
         self._hdr_bytes = 0
+        self._host_seen = False
+        self._head_pending = False  # a request head is being parsed
+        self._head_wire = -1  # bytes read for it after the read it began in (-1: none yet)
+        self._reparse: bytes | None = None  # an h2c request head to parse again, as HTTP/1.1
 
     def __repr__(self) -> str:
         return f"<DownstreamConnection {self.peer} streams={len(self.streams)}>"
@@ -291,32 +351,80 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
-            return
+            return  # closing: what the client still sends is read and dropped
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # the stream already refused the upgrade and will close
+        except httptools.HttpParserUpgrade as e:
+            self._upgraded(data, e.args[0])
         except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _Reject):
-                self._protocol_error(e.__context__.status, e.__context__.details)
-            elif not isinstance(e.__context__, _Stop):
-                raise
+            self._callback_error(e)
+            return
         except httptools.HttpParserError:
             self._protocol_error(400, "http1.codec_error")
+            return
+        if self._head_pending:
+            # httptools gathers a header line whole before calling on_header, so a line that
+            # never ends would grow without bound: count the bytes of an unfinished head too.
+            # The read a head began in is not counted (part of it may be an earlier message).
+            if self._head_wire < 0:
+                self._head_wire = 0
+            else:
+                self._head_wire += len(data)
+                if self._head_wire > self.runtime.hcm.max_request_headers_bytes:
+                    self._protocol_error(431, "http1.headers_too_large")
+
+    def _upgraded(self, data: bytes | memoryview, offset: int) -> None:
+        """llhttp stopped after an upgrade request (or CONNECT) that ends at ``offset``."""
+        while not self.closing:
+            reparse = self._reparse
+            if reparse is None:
+                # A refused upgrade or CONNECT: what follows would be another protocol.
+                self.closing = True
+                return
+            # Envoy ignores "Upgrade: h2c": parse the request again without it, body and all,
+            # then what followed it (a loop, not recursion: a read may hold many such requests).
+            self._reparse = None
+            self.parser = httptools.HttpRequestParser(self)
+            data = memoryview(data)[offset:]
+            try:
+                self.parser.feed_data(reparse)
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as e:
+                offset = e.args[0]
+            except httptools.HttpParserCallbackError as e:
+                self._callback_error(e)
+                return
+            except httptools.HttpParserError:
+                self._protocol_error(400, "http1.codec_error")
+                return
+
+    def _callback_error(self, e: httptools.HttpParserCallbackError) -> None:
+        if isinstance(e.__context__, _Reject):
+            self._protocol_error(e.__context__.status, e.__context__.details)
+        elif not isinstance(e.__context__, _Stop):
+            raise e
+
+    def eof_received(self) -> bool:
+        return False  # no half-closed HTTP/1 connections (Envoy closes too)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.closing = True
+        self._shut = True
         rt = self.runtime
         rt.connections.discard(self)
         rt.http_stats.downstream_cx_active -= 1
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        timers = (self._idle_timer, self._headers_timer, self._close_timer, self._stream_idle_timer)
+        for timer in timers:
+            if timer is not None:
+                timer.cancel()
         while self.streams:
             stream = self.streams.popleft()
             if stream.response_complete:
                 continue
-            for t in stream.timers:
-                t.cancel()
+            stream.cancel_timers()
+            self._end_fault(stream)
             if stream.router is not None:
                 stream.router.cancel()
             if stream.head is not None:
@@ -351,14 +459,25 @@ class DownstreamConnection(asyncio.Protocol):
         # Header accumulation lives on the connection while parsing (hot path: no lookups).
         self._hdrs = []
         self._hdr_bytes = 0
+        self._host_seen = False
+        self._head_pending = True
+        self._head_wire = -1
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
         hcm = stream.hcm
         if hcm.request_timeout:
-            stream.timers.append(
-                rt.loop.call_later(hcm.request_timeout, self._request_timeout, stream)
+            stream.request_timer = rt.loop.call_later(
+                hcm.request_timeout, self._request_timeout, stream
             )
+        if hcm.stream_idle_timeout:
+            # Envoy's stream exists (and its idle timer runs) from the request's first byte.
+            timeout = stream.idle_timeout = hcm.stream_idle_timeout
+            stream.last_active = loop_time
+            if self.streams[0] is stream and (
+                self._stream_idle_timer is None or loop_time + timeout < self._stream_idle_at
+            ):
+                self._watch_idle(stream)
         if hcm.request_headers_timeout:
             # Envoy starts this timer at the request's first byte.
             self._headers_timer = rt.loop.call_later(
@@ -381,7 +500,12 @@ class DownstreamConnection(asyncio.Protocol):
             raise _Reject(431, "http1.headers_too_large")
         if len(hdrs) >= hcm.max_headers_count:
             raise _Reject(431, "http1.too_many_headers")
-        hdrs.append((name.lower(), value))
+        name = name.lower()
+        if name == b"host":
+            if self._host_seen:
+                raise _Reject(400, "http1.codec_error")  # RFC 9112 §3.2: one Host, no more
+            self._host_seen = True
+        hdrs.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.closing:
@@ -390,20 +514,38 @@ class DownstreamConnection(asyncio.Protocol):
         parser = self.parser
         headers = Headers(self._hdrs)
         self._hdrs = []
-        version = parser.get_http_version().encode()
-        keep_alive = parser.should_keep_alive()
-        method = parser.get_method()
-        head = _make_head(stream.url, method, headers, version, keep_alive)
-        stream.head = head
-        stream.headers_done = True
+        self._head_pending = False
         if self._headers_timer is not None:
             self._headers_timer.cancel()
             self._headers_timer = None
+        version = parser.get_http_version().encode()
+        if version != b"1.1" and version != b"1.0":
+            raise _Reject(505, "http1.invalid_version")  # RFC 9110 §15.6.6 (llhttp takes 2.0)
+        method = parser.get_method()
+        if parser.should_upgrade() and method != b"CONNECT":
+            upgrade = headers.get(b"upgrade") or b""
+            if upgrade.lower() == b"h2c":
+                # llhttp has already made this an upgrade (it skips the body and stops): parse
+                # the request again without the header, and forget this parse of it.
+                self.streams.pop()
+                stream.cancel_timers()
+                self._reparse = b"".join(
+                    [method, b" ", stream.url, b" HTTP/", version, framing.CRLF]
+                    + [k + b": " + v + framing.CRLF for k, v in headers.items if k != b"upgrade"]
+                    + [framing.CRLF]
+                )
+                return
+            stream.upgrade = True
+        keep_alive = parser.should_keep_alive()
+        head = _make_head(stream.url, method, headers, version, keep_alive)
+        stream.head = head
+        stream.headers_done = True
+        stream.last_active = self.runtime.loop.time()
         # A request with a body starts now and streams it; one without starts at its end, so
         # that a reply made at once (404, direct response) does not see an unfinished request.
         cl = headers.get(b"content-length")
         stream.expects_body = (cl is not None and cl != b"0") or b"transfer-encoding" in headers
-        if stream.expects_body and self.streams[0] is stream:
+        if stream.expects_body and self.streams[0] is stream and not stream.upgrade:
             self._begin(stream)
 
     def on_body(self, body: bytes) -> None:
@@ -419,9 +561,11 @@ class DownstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.closing:
             raise _Stop
+        if self._reparse is not None:
+            return  # the end llhttp gives an h2c upgrade request; it is parsed again
         stream = self.streams[-1]
         stream.on_request_complete()
-        if not stream.expects_body and self.streams[0] is stream:
+        if (not stream.expects_body or stream.upgrade) and self.streams[0] is stream:
             self._begin(stream)
 
     # -- the connection manager --------------------------------------------------------------
@@ -449,12 +593,15 @@ class DownstreamConnection(asyncio.Protocol):
             if head.path == b"*" and head.method == b"OPTIONS":
                 pass
             else:
-                stream.local_reply(404, details="absolute_path_rejected", close=False)
+                # CONNECT matches no route here, and what follows it is a tunnel: close.
+                connect = head.method == b"CONNECT"
+                stream.local_reply(404, details="absolute_path_rejected", close=connect)
                 return
         te = head.headers.get(b"transfer-encoding")
         if te is not None:
             if te.lower() != b"chunked":
                 # Envoy: any transfer coding but chunked is 501 (RFC 9112 §6.1).
+                self.closing = True  # llhttp may not even know where this request ends
                 stream.local_reply(
                     501,
                     b"Not Implemented",
@@ -464,15 +611,12 @@ class DownstreamConnection(asyncio.Protocol):
                 )
                 return
             stream.request_chunked = True
-        upgrade = head.headers.get(b"upgrade")
-        if upgrade is not None:
-            if upgrade.lower() == b"h2c":
-                head.headers.remove(b"upgrade")  # Envoy ignores h2c upgrades
-                self.parser = httptools.HttpRequestParser(self)
-            else:
-                stream.upgrade = True
-                stream.local_reply(403, details="upgrade_failed", close=True)
-                return
+            if head.version == b"1.0":
+                stream.close_after = True  # RFC 9112 §6.1: faulty framing; close after it
+        if stream.upgrade:
+            # No upgrade_configs are supported: Envoy refuses with 403 and closes.
+            stream.local_reply(403, details="upgrade_failed", close=True)
+            return
         headers = head.headers
         expect = headers.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not hcm.proxy_100_continue:
@@ -504,6 +648,8 @@ class DownstreamConnection(asyncio.Protocol):
             stream.local_reply(status, headers=out, details="direct_response")
             return
         assert isinstance(action, RouteAction)
+        if action.idle_timeout is not None:
+            self._set_idle_timeout(stream, action.idle_timeout)  # the route's replaces the HCM's
         choice = action.choose_cluster(head, rt.rng.getrandbits(64))
         info.upstream_cluster = choice.name
         cluster = rt.clusters.get(choice.name)
@@ -532,7 +678,7 @@ class DownstreamConnection(asyncio.Protocol):
         choice: ClusterChoice,
         cluster: Cluster,
     ) -> None:
-        if self.closed:
+        if self.closed or stream.response_complete:
             return
         router = UpstreamRequest(stream, route, action, choice, cluster, self.runtime)
         stream.attach(router)
@@ -549,9 +695,8 @@ class DownstreamConnection(asyncio.Protocol):
         stats = rt.http_stats
 
         def after_delay() -> None:
-            rt.active_faults -= 1
-            stats.active_faults -= 1
-            if self.closed:
+            self._end_fault(stream)
+            if self.closed or stream.response_complete:
                 return
             if abort_status is not None:
                 stats.aborts_injected += 1
@@ -564,24 +709,32 @@ class DownstreamConnection(asyncio.Protocol):
             else:
                 self._route(stream, *route_args)
 
+        stream.fault_active = True
+        rt.active_faults += 1
+        stats.active_faults += 1
         if delay:
             stats.delays_injected += 1
             stream.info.add_flag(Flag.DELAY_INJECTED)
-            rt.active_faults += 1
-            stats.active_faults += 1
             stream.timers.append(rt.loop.call_later(delay, after_delay))
         else:
-            rt.active_faults += 1
-            stats.active_faults += 1
             after_delay()
+
+    def _end_fault(self, stream: Stream) -> None:
+        """A fault stops counting as active when it ends, or when its stream does first."""
+        if stream.fault_active:
+            stream.fault_active = False
+            self.runtime.active_faults -= 1
+            self.runtime.http_stats.active_faults -= 1
 
     def stream_finished(self, stream: Stream, *, aborted: bool = False) -> None:
         """The response is written: log it, then move on to the next pipelined request."""
         if stream.response_complete:
             return
         stream.response_complete = True
-        for t in stream.timers:
-            t.cancel()
+        if stream.request_timer is not None or stream.timers:
+            stream.cancel_timers()
+        if stream.fault_active:
+            self._end_fault(stream)
         rt = self.runtime
         if stream.info.request is not None:
             rt.http_stats.downstream_rq_active -= 1
@@ -596,8 +749,14 @@ class DownstreamConnection(asyncio.Protocol):
         self.resume_reading("queued")
         if self.streams:
             nxt = self.streams[0]
-            if nxt.request_complete or (nxt.headers_done and nxt.expects_body):
+            nxt.last_active = rt.loop.time()  # its idle time starts when it becomes active
+            self._watch_idle(nxt)
+            if nxt.failure is not None:
+                self._send_failure(nxt)
+            elif nxt.request_complete or (nxt.headers_done and nxt.expects_body):
                 self._begin(nxt)
+        elif self.closing or self.draining:
+            self._close()
         else:
             self._arm_idle()
 
@@ -613,11 +772,12 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _protocol_error(self, status: int, details: str) -> None:
         """Malformed request: answer ``status`` (it never reaches an upstream) and close."""
-        if self.closed:
+        if self.closing:
             return
         self.runtime.http_stats.downstream_cx_protocol_error += 1
-        if self.streams and not self.streams[-1].response_started:
-            stream = self.streams[-1]
+        streams = self.streams
+        if streams and not streams[-1].request_complete:
+            stream = streams[-1]  # the request being parsed is the malformed one
         else:
             info = StreamInfo(
                 start=self.runtime.loop.time(),
@@ -626,74 +786,159 @@ class DownstreamConnection(asyncio.Protocol):
                 downstream_local=self.local,
             )
             stream = Stream(self, self.runtime.hcm, info)
+            streams.append(stream)
         stream.info.add_flag(Flag.DOWNSTREAM_PROTOCOL_ERROR)
-        self._reply_and_close(stream, status, framing.reason_phrase(status).encode(), details)
+        self._fail(stream, status, framing.reason_phrase(status).encode(), details)
+
+    def _fail(
+        self,
+        stream: Stream,
+        status: int,
+        body: bytes,
+        details: str,
+        flag: Flag = Flag.DOWNSTREAM_PROTOCOL_ERROR,
+    ) -> None:
+        """``stream`` cannot go on, nor can the connection: read no more, answer ``stream``
+        locally once the requests before it are answered (responses keep request order, RFC
+        9112 §9.3.2), then close. If its own response has started, all that is left is closing
+        (``flag`` says why).
+        """
+        self.closing = True
+        self._head_pending = False
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+        if stream.router is not None:
+            stream.router.cancel()
+        if stream.response_started:
+            stream.reset(flag)
+            return
+        stream.failure = (status, body, details)
+        if self.streams and self.streams[0] is stream:
+            self._send_failure(stream)
+
+    def _send_failure(self, stream: Stream) -> None:
+        assert stream.failure is not None
+        status, body, details = stream.failure
+        stream.local_reply(status, body, details=details, close=True)
 
     def _request_timeout(self, stream: Stream) -> None:
         """request_timeout: the whole request was not received in time (408)."""
+        stream.request_timer = None
         if stream.response_started or self.closed or stream.request_complete:
             return
-        if stream.router is not None:
-            stream.router.cancel()
-        self._reply_and_close(stream, 408, b"request timeout", "request_overall_timeout")
+        self.runtime.http_stats.downstream_rq_timeout += 1
+        self._fail(stream, 408, b"request timeout", "request_overall_timeout")
 
     def _headers_timeout(self) -> None:
         """request_headers_timeout: the headers did not arrive in time (408, then close)."""
         self._headers_timer = None
-        if self.closed or not self.streams or self.streams[-1].headers_done:
+        if self.closing or not self.streams or self.streams[-1].headers_done:
             return
-        self._reply_and_close(
-            self.streams[-1], 408, b"request header timeout", "request_header_timeout"
-        )
+        self.runtime.http_stats.downstream_rq_header_timeout += 1
+        self._fail(self.streams[-1], 408, b"request header timeout", "request_header_timeout")
 
-    def _reply_and_close(self, stream: Stream, status: int, body: bytes, details: str) -> None:
-        # Earlier pipelined streams still in flight are abandoned: the connection closes.
-        for other in self.streams:
-            if other is not stream and other.router is not None:
-                other.router.cancel()
-        self.streams.clear()
-        self.streams.append(stream)
-        stream.local_reply(status, body, details=details, close=True)
+    def _set_idle_timeout(self, stream: Stream, timeout: float) -> None:
+        stream.idle_timeout = timeout
+        stream.last_active = self.runtime.loop.time()
+        self._watch_idle(stream)
+
+    def _watch_idle(self, stream: Stream) -> None:
+        """Have the stream-idle timer fire by the time the (head) ``stream`` may be idle."""
+        if not stream.idle_timeout:
+            return
+        at = stream.last_active + stream.idle_timeout
+        timer = self._stream_idle_timer
+        if timer is None or at < self._stream_idle_at:
+            if timer is not None:
+                timer.cancel()
+            self._stream_idle_at = at
+            self._stream_idle_timer = self.runtime.loop.call_at(at, self._check_stream_idle)
+
+    def _check_stream_idle(self) -> None:
+        """stream_idle_timeout: nothing moved either way for that long (Envoy flag SI).
+
+        Activity only records its time; this checks the head stream (queued ones are not
+        active yet: Envoy would not even have read them) and re-arms if it is not idle enough.
+        """
+        self._stream_idle_timer = None
+        if self.closed or not self.streams:
+            return
+        stream = self.streams[0]
+        if not stream.idle_timeout or stream.response_complete:
+            return
+        if stream.last_active + stream.idle_timeout > self.runtime.loop.time():
+            self._watch_idle(stream)
+            return
+        self.runtime.http_stats.downstream_rq_idle_timeout += 1
+        stream.info.add_flag(Flag.STREAM_IDLE_TIMEOUT)
+        if stream.request_complete and not stream.response_started:
+            # The request was read whole: 504, and the connection can carry on (Envoy).
+            if stream.router is not None:
+                stream.router.cancel()
+            stream.local_reply(504, _STREAM_TIMEOUT_BODY, details="stream_idle_timeout")
+        else:
+            self._fail(
+                stream, 408, _STREAM_TIMEOUT_BODY, "stream_idle_timeout", Flag.STREAM_IDLE_TIMEOUT
+            )
 
     def _arm_idle(self) -> None:
-        if self.draining:
-            self._close()
-            return
+        # Not closed here when draining: a connection accepted while draining (after
+        # /healthcheck/fail) is still served, with "connection: close" (Envoy draining.rst).
         timeout = self.runtime.hcm.idle_timeout
         if timeout:
             self._idle_timer = self.runtime.loop.call_later(timeout, self._idle_close)
 
     def _idle_close(self) -> None:
+        self._idle_timer = None
         if not self.streams:
-            self._close()
+            self.runtime.http_stats.downstream_cx_idle_timeout += 1
+            self._close(linger=False)
 
     # -- I/O ---------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self._shut:
             self.transport.write(data)
 
     def pause_reading(self, reason: str) -> None:
-        if not self._paused_by and self.transport is not None and not self.closed:
+        if not self._paused_by and self.transport is not None and not self._shut:
             self.transport.pause_reading()
         self._paused_by.add(reason)
 
     def resume_reading(self, reason: str) -> None:
         if reason in self._paused_by:
             self._paused_by.discard(reason)
-            if not self._paused_by and self.transport is not None and not self.closed:
+            if not self._paused_by and self.transport is not None and not self._shut:
                 self.transport.resume_reading()
 
     def drain(self) -> None:
         """Draining: finish what is in flight with ``connection: close``; close idle now."""
         self.draining = True
         if not self.streams:
-            self._close()
+            self._close(linger=False)
 
-    def _close(self) -> None:
+    def _close(self, *, linger: bool = True) -> None:
+        """Close once what is written has gone.
+
+        After a response (``linger``): shut our write side, read and drop whatever the client
+        still sends (closing with unread bytes would send a reset that can destroy the response
+        still in flight), and close when the client does or after ``delayed_close_timeout``.
+        An idle connection has nothing in flight and closes at once.
+        """
         self.closing = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or self._shut or transport.is_closing():
+            return
+        self._shut = True
+        if not linger or not transport.can_write_eof():
+            transport.close()
+            return
+        if self._paused_by:
+            self._paused_by.clear()
+            transport.resume_reading()
+        transport.write_eof()
+        self._close_timer = self.runtime.loop.call_later(_DELAYED_CLOSE, transport.close)
 
 
 class _Stop(Exception):
@@ -765,9 +1010,9 @@ def _sanitize_request(
             xff = headers.get(b"x-forwarded-for")
             ip = rt.local_ip if peer_ip in (b"127.0.0.1", b"::1") else peer_ip
             headers.set(b"x-forwarded-for", xff + b", " + ip if xff else ip)
-        headers.set(b"x-forwarded-proto", head.scheme)
+        headers.set(b"x-forwarded-proto", _DOWNSTREAM_SCHEME)
     else:
-        headers.setdefault(b"x-forwarded-proto", head.scheme)
+        headers.setdefault(b"x-forwarded-proto", _DOWNSTREAM_SCHEME)
     if hcm.generate_request_id:
         rid = headers.get(b"x-request-id")
         if rid is None or (hcm.use_remote_address and not hcm.preserve_external_request_id):

@@ -79,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_loop",
         "_parser",
         "_status",
+        "_until_close",
         "host",
         "owner",
         "pool",
@@ -95,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._status = 0
+        self._until_close = False
         self._keep_alive = True
         self._head_only = False
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -161,6 +163,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._idle_timer.cancel()
         owner = self.owner
         if owner is not None:
+            if self._until_close and self._status:
+                # A body delimited by the connection's end (RFC 9112 §6.3 rule 8) is complete
+                # now; httptools cannot be told about end-of-input, so finish it here.
+                self._keep_alive = False
+                self._message_done()
+                owner.flush()
+                return
             self.owner = None
             owner.on_reset(Reset.TERMINATION)
             owner.flush()
@@ -187,6 +196,10 @@ class UpstreamConnection(asyncio.Protocol):
             return  # 1xx: the final response follows on the same connection
         self._status = status
         self._keep_alive = self._parser.should_keep_alive()
+        headers = self._headers
+        self._until_close = status not in (204, 304) and not any(
+            k == b"content-length" or k == b"transfer-encoding" for k, _ in headers
+        )
         owner = self.owner
         if owner is not None:
             owner.on_response_head(status, Headers(self._headers), self._keep_alive)

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import socket
 import time
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,6 +57,22 @@ _DELAYED_CLOSE = 1.0  # Envoy's delayed_close_timeout default
 _DOWNSTREAM_SCHEME = b"http"
 
 
+# Request headers the connection manager notes while parsing, and those it drops.
+_DROPPED = framing.HOP_BY_HOP | framing.ENVOY_CONTROL
+_NOTED = _DROPPED | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-request-id",
+    b"x-forwarded-proto",
+    b"x-forwarded-for",
+}
+_RESPONSE_NOTED = framing.HOP_BY_HOP | {b"content-length", b"date", b"server"}
+# UUIDv4 layout: version nibble 4 (bits 76-79), variant bits 10 (bits 62-63).
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID_SET = (0x4 << 76) | (0x2 << 62)
+
+
 class Stream:
     """One request/response exchange on a downstream connection."""
 
@@ -66,6 +81,7 @@ class Stream:
         "chunked_out",
         "close_after",
         "conn",
+        "dirty",
         "expect_continue",
         "expects_body",
         "failure",
@@ -84,6 +100,7 @@ class Stream:
         "response_head_only",
         "response_started",
         "router",
+        "special",
         "timers",
         "upgrade",
         "url",
@@ -94,6 +111,8 @@ class Stream:
         self.hcm = hcm  # the configuration this request started on; later swaps do not apply
         self.info = info
         self.url = b""
+        self.special: dict[bytes, bytes] = {}  # noted request headers (first values)
+        self.dirty = False  # the request carries headers to drop before forwarding
         self.head: RequestHead | None = None
         self.headers_done = False
         self.request_complete = False
@@ -171,10 +190,27 @@ class Stream:
         self.last_active = self.conn.runtime.loop.time()
         info = self.info
         info.response_code = status
-        hop = framing.HOP_BY_HOP
-        items = headers.items
-        kept = [(k, v) for k, v in items if k not in hop]
-        if len(kept) != len(items):
+        # One pass over the upstream's headers: drop hop-by-hop ones (and the server header
+        # when we overwrite it) and note what the rest of this method needs to know.
+        replace_server = hcm.server_name is not None and not hcm.server_append_if_absent
+        kept = []
+        hop_seen = has_length = has_date = has_server = False
+        for kv in headers.items:
+            k = kv[0]
+            if k in _RESPONSE_NOTED:
+                if k in framing.HOP_BY_HOP:
+                    hop_seen = True
+                    continue
+                if k == b"content-length":
+                    has_length = True
+                elif k == b"date":
+                    has_date = True
+                elif k == b"server":
+                    has_server = True
+                    if replace_server:
+                        continue
+            kept.append(kv)
+        if hop_seen:
             # RFC 9110 §7.6.1: the fields a Connection header names are hop-by-hop too.
             connection = headers.joined(b"connection")
             if connection:
@@ -184,19 +220,18 @@ class Stream:
         no_body = head.method == b"HEAD" or status in (204, 304) or status < 200
         self.response_head_only = no_body
         if status == 204 or status < 200:
-            out.remove(b"content-length")  # RFC 9110 §8.6: never on 1xx and 204
-        elif not no_body and b"content-length" not in out:
+            if has_length:
+                out.remove(b"content-length")  # RFC 9110 §8.6: never on 1xx and 204
+        elif not no_body and not has_length:
             if head.version == b"1.1":
                 self.chunked_out = True
-                out.add(b"transfer-encoding", b"chunked")
+                out.items.append((b"transfer-encoding", b"chunked"))
             else:
                 self.close_after = True  # HTTP/1.0: the body ends when the connection does
-        if hcm.server_name is not None:
-            if hcm.server_append_if_absent:
-                out.setdefault(b"server", hcm.server_name)
-            else:
-                out.set(b"server", hcm.server_name)
-        out.setdefault(b"date", framing.DATE.value())
+        if hcm.server_name is not None and (replace_server or not has_server):
+            out.items.append((b"server", hcm.server_name))
+        if not has_date:
+            out.items.append((b"date", framing.DATE.value()))
         if hcm.always_set_request_id_in_response:
             rid = head.headers.get(b"x-request-id")
             if rid is not None:
@@ -204,7 +239,7 @@ class Stream:
         if self.conn.draining or not head.keep_alive or not self.request_complete:
             self.close_after = True
         if self.close_after:
-            out.set(b"connection", b"close")
+            out.items.append((b"connection", b"close"))  # any upstream one was dropped above
         elif head.version == b"1.0":
             out.add(b"connection", b"keep-alive")
         info.response_headers = out
@@ -273,17 +308,18 @@ class DownstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_close_timer",
+        "_dirty",
         "_hdr_bytes",
         "_hdrs",
         "_head_pending",
         "_head_wire",
         "_headers_timer",
-        "_host_seen",
         "_idle_timer",
         "_paused_by",
         "_queued_bytes",
         "_reparse",
         "_shut",
+        "_special",
         "_stream_idle_at",
         "_stream_idle_timer",
         "closed",
@@ -323,7 +359,11 @@ class DownstreamConnection(asyncio.Protocol):
         self._stream_idle_at = 0.0
         self._hdrs: list[tuple[bytes, bytes]] = []
         self._hdr_bytes = 0
-        self._host_seen = False
+        # Headers the connection manager looks at, found while parsing (first value each), so
+        # that no request pays for scanning its header list again; `_dirty`: one of them must
+        # be removed before forwarding.
+        self._special: dict[bytes, bytes] = {}
+        self._dirty = False
         self._head_pending = False  # a request head is being parsed
         self._head_wire = -1  # bytes read for it after the read it began in (-1: none yet)
         self._reparse: bytes | None = None  # an h2c request head to parse again, as HTTP/1.1
@@ -459,7 +499,8 @@ class DownstreamConnection(asyncio.Protocol):
         # Header accumulation lives on the connection while parsing (hot path: no lookups).
         self._hdrs = []
         self._hdr_bytes = 0
-        self._host_seen = False
+        self._special = {}
+        self._dirty = False
         self._head_pending = True
         self._head_wire = -1
         if self._idle_timer is not None:
@@ -501,10 +542,17 @@ class DownstreamConnection(asyncio.Protocol):
         if len(hdrs) >= hcm.max_headers_count:
             raise _Reject(431, "http1.too_many_headers")
         name = name.lower()
-        if name == b"host":
-            if self._host_seen:
-                raise _Reject(400, "http1.codec_error")  # RFC 9112 §3.2: one Host, no more
-            self._host_seen = True
+        if name in _NOTED:
+            special = self._special
+            if name == b"host":
+                if b"host" in special:
+                    raise _Reject(400, "http1.codec_error")  # RFC 9112 §3.2: one Host, no more
+                special[name] = value
+                return  # not kept in the list: the authority is written apart
+            if name not in special:
+                special[name] = value
+            if name in _DROPPED:
+                self._dirty = True
         hdrs.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -513,6 +561,7 @@ class DownstreamConnection(asyncio.Protocol):
         stream = self.streams[-1]
         parser = self.parser
         headers = Headers(self._hdrs)
+        special = self._special
         self._hdrs = []
         self._head_pending = False
         if self._headers_timer is not None:
@@ -523,28 +572,31 @@ class DownstreamConnection(asyncio.Protocol):
             raise _Reject(505, "http1.invalid_version")  # RFC 9110 §15.6.6 (llhttp takes 2.0)
         method = parser.get_method()
         if parser.should_upgrade() and method != b"CONNECT":
-            upgrade = headers.get(b"upgrade") or b""
+            upgrade = special.get(b"upgrade") or b""
             if upgrade.lower() == b"h2c":
                 # llhttp has already made this an upgrade (it skips the body and stops): parse
                 # the request again without the header, and forget this parse of it.
                 self.streams.pop()
                 stream.cancel_timers()
+                host = [b"host: " + special[b"host"] + framing.CRLF] if b"host" in special else []
                 self._reparse = b"".join(
-                    [method, b" ", stream.url, b" HTTP/", version, framing.CRLF]
+                    [method, b" ", stream.url, b" HTTP/", version, framing.CRLF, *host]
                     + [k + b": " + v + framing.CRLF for k, v in headers.items if k != b"upgrade"]
                     + [framing.CRLF]
                 )
                 return
             stream.upgrade = True
         keep_alive = parser.should_keep_alive()
-        head = _make_head(stream.url, method, headers, version, keep_alive)
+        head = _make_head(stream.url, method, headers, special, version, keep_alive)
         stream.head = head
+        stream.special = special
+        stream.dirty = self._dirty
         stream.headers_done = True
         stream.last_active = self.runtime.loop.time()
         # A request with a body starts now and streams it; one without starts at its end, so
         # that a reply made at once (404, direct response) does not see an unfinished request.
-        cl = headers.get(b"content-length")
-        stream.expects_body = (cl is not None and cl != b"0") or b"transfer-encoding" in headers
+        cl = special.get(b"content-length")
+        stream.expects_body = (cl is not None and cl != b"0") or b"transfer-encoding" in special
         if stream.expects_body and self.streams[0] is stream and not stream.upgrade:
             self._begin(stream)
 
@@ -597,7 +649,8 @@ class DownstreamConnection(asyncio.Protocol):
                 connect = head.method == b"CONNECT"
                 stream.local_reply(404, details="absolute_path_rejected", close=connect)
                 return
-        te = head.headers.get(b"transfer-encoding")
+        special = stream.special
+        te = special.get(b"transfer-encoding")
         if te is not None:
             if te.lower() != b"chunked":
                 # Envoy: any transfer coding but chunked is 501 (RFC 9112 §6.1).
@@ -618,13 +671,13 @@ class DownstreamConnection(asyncio.Protocol):
             stream.local_reply(403, details="upgrade_failed", close=True)
             return
         headers = head.headers
-        expect = headers.get(b"expect")
+        expect = special.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and not hcm.proxy_100_continue:
             # Envoy answers 100 Continue itself and does not forward the expectation.
             headers.remove(b"expect")
             if not stream.request_complete:
                 self.write(framing.CONTINUE_100)
-        _sanitize_request(head, hcm, self.peer_ip, rt)
+        _sanitize_request(head, stream, hcm, self.peer_ip, rt)
         selection = hcm.route_table.select(head)
         if selection is None or selection.route is None:
             rt.http_stats.no_route += 1
@@ -735,6 +788,7 @@ class DownstreamConnection(asyncio.Protocol):
             stream.cancel_timers()
         if stream.fault_active:
             self._end_fault(stream)
+        stream.router = None  # break the stream <-> router cycle: freed by refcount, not GC
         rt = self.runtime
         if stream.info.request is not None:
             rt.http_stats.downstream_rq_active -= 1
@@ -955,10 +1009,15 @@ class _Reject(Exception):
 
 
 def _make_head(
-    url: bytes, method: bytes, headers: Headers, version: bytes, keep_alive: bool
+    url: bytes,
+    method: bytes,
+    headers: Headers,
+    special: dict[bytes, bytes],
+    version: bytes,
+    keep_alive: bool,
 ) -> RequestHead:
     """Build the request head; absolute-form targets give the authority (explicit proxy)."""
-    authority = headers.get(b"host") or b""
+    authority = special.get(b"host") or b""
     path = url
     scheme = b"http"
     if url[:1] != b"/" and url != b"*":
@@ -988,32 +1047,46 @@ def _make_head(
 
 
 def _sanitize_request(
-    head: RequestHead, hcm: HcmConfig, peer_ip: bytes, rt: ListenerRuntime
+    head: RequestHead, stream: Stream, hcm: HcmConfig, peer_ip: bytes, rt: ListenerRuntime
 ) -> None:
-    """Envoy's request header rules (ENVOY-SEMANTICS §4): hop-by-hop, x-envoy-*, XFF, ids."""
+    """Envoy's request header rules (ENVOY-SEMANTICS §4): hop-by-hop, x-envoy-*, XFF, ids.
+
+    The common request carries none of the headers to drop (``stream.dirty`` is False) and is
+    not filtered at all; what is added is appended, its absence known from ``stream.special``.
+    """
     headers = head.headers
-    connection = headers.get(b"connection")
-    nominated: list[bytes] = []
-    if connection is not None:
-        nominated = [t.strip().lower() for t in connection.split(b",")]
-    items = [
-        (k, v)
-        for k, v in headers.items
-        if k not in framing.HOP_BY_HOP and k not in framing.ENVOY_CONTROL and k not in nominated
-    ]
-    te = headers.get(b"te")
-    if te is not None and b"trailers" in te.lower():
-        items.append((b"te", b"trailers"))
-    headers.items = [kv for kv in items if kv[0] != b"host"]  # the authority is written apart
+    special = stream.special
+    if stream.dirty:
+        connection = headers.joined(b"connection")
+        nominated = {t.strip().lower() for t in connection.split(b",")} if connection else set()
+        items = [(k, v) for k, v in headers.items if k not in _DROPPED and k not in nominated]
+        te = special.get(b"te")
+        if te is not None and b"trailers" in te.lower():
+            items.append((b"te", b"trailers"))
+        headers.items = items
+        special = {k: v for k, v in special.items() if k not in nominated}
+    items = headers.items
     if hcm.use_remote_address:
         if not hcm.skip_xff_append:
-            xff = headers.get(b"x-forwarded-for")
+            xff = headers.joined(b"x-forwarded-for")
             ip = rt.local_ip if peer_ip in (b"127.0.0.1", b"::1") else peer_ip
             headers.set(b"x-forwarded-for", xff + b", " + ip if xff else ip)
         headers.set(b"x-forwarded-proto", _DOWNSTREAM_SCHEME)
-    else:
-        headers.setdefault(b"x-forwarded-proto", _DOWNSTREAM_SCHEME)
+    elif b"x-forwarded-proto" not in special:
+        items.append((b"x-forwarded-proto", _DOWNSTREAM_SCHEME))
     if hcm.generate_request_id:
-        rid = headers.get(b"x-request-id")
-        if rid is None or (hcm.use_remote_address and not hcm.preserve_external_request_id):
-            headers.set(b"x-request-id", str(uuid.UUID(bytes=os.urandom(16), version=4)).encode())
+        if b"x-request-id" not in special:
+            items.append((b"x-request-id", _request_id(rt.rng)))
+        elif hcm.use_remote_address and not hcm.preserve_external_request_id:
+            headers.set(b"x-request-id", _request_id(rt.rng))
+
+
+def _request_id(rng: random.Random) -> bytes:
+    """A UUID version 4 string for x-request-id.
+
+    From the worker's Mersenne Twister rather than os.urandom: a getrandom() syscall per
+    request cost more than the rest of this function, and request ids are not secrets.
+    """
+    r = rng.getrandbits(128) & _UUID_CLEAR | _UUID_SET
+    h = b"%032x" % r
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])

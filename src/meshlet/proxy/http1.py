@@ -961,7 +961,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._paused_by.add(reason)
 
     def resume_reading(self, reason: str) -> None:
-        if reason in self._paused_by:
+        if self._paused_by and reason in self._paused_by:
             self._paused_by.discard(reason)
             if not self._paused_by and self.transport is not None and not self._shut:
                 self.transport.resume_reading()

@@ -667,15 +667,24 @@ class Route:
         action = self.action
         assert isinstance(action, RouteAction)
         headers = head.headers
-        choice.request_mutation.apply(headers)
-        self.request_mutation.apply(headers)
-        action.rewrite(head, choice.host_rewrite, suppress_envoy_headers=suppress_envoy_headers)
+        # Hot path: most routes mutate nothing and rewrite nothing; skip the calls then.
+        if choice.request_mutation.levels:
+            choice.request_mutation.apply(headers)
+        if self.request_mutation.levels:
+            self.request_mutation.apply(headers)
+        if (
+            action.host_rewrite is not None
+            or action.path_rewrite is not None
+            or choice.host_rewrite
+        ):
+            action.rewrite(head, choice.host_rewrite, suppress_envoy_headers=suppress_envoy_headers)
 
     def finalize_response(self, headers: Headers, choice: ClusterChoice | None = None) -> None:
         """Apply the response mutations: the weighted cluster's first, then the route's."""
-        if choice is not None:
+        if choice is not None and choice.response_mutation.levels:
             choice.response_mutation.apply(headers)
-        self.response_mutation.apply(headers)
+        if self.response_mutation.levels:
+            self.response_mutation.apply(headers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

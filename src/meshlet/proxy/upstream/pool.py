@@ -71,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One HTTP/1.1 client connection to a host, parsing responses with httptools."""
 
     __slots__ = (
+        "_framed",
         "_head_only",
         "_headers",
         "_idle_since",
@@ -97,6 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._status = 0
         self._until_close = False
+        self._framed = False
         self._keep_alive = True
         self._head_only = False
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -186,9 +188,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._framed = False  # Content-Length or Transfer-Encoding seen
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            self._framed = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -196,10 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
             return  # 1xx: the final response follows on the same connection
         self._status = status
         self._keep_alive = self._parser.should_keep_alive()
-        headers = self._headers
-        self._until_close = status not in (204, 304) and not any(
-            k == b"content-length" or k == b"transfer-encoding" for k, _ in headers
-        )
+        self._until_close = not self._framed and status != 204 and status != 304
         owner = self.owner
         if owner is not None:
             owner.on_response_head(status, Headers(self._headers), self._keep_alive)

@@ -65,7 +65,7 @@ def test_every_problem_is_reported_one_line_each():
 
 
 def test_an_http_filter_other_than_fault_and_router_is_refused():
-    text = EXAMPLE.read_text().replace("fault.v3.HTTPFault", "cors.v3.Cors")
+    text = EXAMPLE.read_text().replace("fault.v3.HTTPFault", "lua.v3.Lua")
     with pytest.raises(ConfigError) as e:
         compile_text(text)
     assert "http_filters[0].typed_config.@type" in str(e.value)

@@ -5,14 +5,18 @@ It is a pipeline of stages, each fed by the one before (``../shared/DESIGN.md``)
 * ``store`` -- the mesh's configuration: Kubernetes-style objects (already validated by
   ``meshlet.api``) kept in SQLite in the state directory, applied in atomic batches, versioned
   with ``resourceVersion`` and ``generation``, and announced to watchers as change events.
-* snapshot -- an immutable, indexed view of the store and the service registry at one
+* ``registry`` -- services and endpoints (ServiceEntry, WorkloadEntry, Kubernetes Services
+  over workloads), behind an interface the embedded runtime and Kubernetes will implement.
+* ``snapshot`` -- an immutable, indexed view of the store and the service registry at one
   revision (istiod's ``PushContext``).
-* per-proxy view -- what one proxy may see and needs (its namespace, Sidecar scoping,
+* per-proxy view (``Snapshot.view``) -- what one proxy may see and needs (its namespace, Sidecar scoping,
   exportTo), cut from the snapshot.
-* generators -- pure functions, one per xDS type URL, that turn a view into Envoy resources
+* ``translate`` -- pure functions, one per xDS type URL, that turn a view into Envoy resources
   (listeners, routes, clusters, endpoints).
-* ADS server -- serves those resources over gRPC, pushing debounced changes only to the
+* ``xds`` -- the ADS server: serves those resources over gRPC, pushing debounced changes only to the
   proxies they affect.
 
-Only the store exists so far; the other stages are to come.
+Built so far: each stage on its own, tested (the ``translate`` stage through simulation tests
+that run its output through the proxy's own route matcher). Not yet: wiring them into
+``meshlet control``, the HTTP API and the CLI commands (issue 3).
 """

@@ -9,8 +9,8 @@ It is a pipeline of stages, each fed by the one before (``../shared/DESIGN.md``)
   over workloads), behind an interface the embedded runtime and Kubernetes will implement.
 * ``snapshot`` -- an immutable, indexed view of the store and the service registry at one
   revision (istiod's ``PushContext``).
-* per-proxy view (``Snapshot.view``) -- what one proxy may see and needs (its namespace, Sidecar scoping,
-  exportTo), cut from the snapshot.
+* per-proxy view (``Snapshot.view``) -- what one proxy may see and needs (its namespace,
+  Sidecar scoping, exportTo), cut from the snapshot.
 * ``translate`` -- pure functions, one per xDS type URL, that turn a view into Envoy resources
   (listeners, routes, clusters, endpoints).
 * ``xds`` -- the ADS server: serves those resources over gRPC, pushing debounced changes only to the

@@ -14,8 +14,9 @@ import pytest
 
 from meshlet.api import LoadNote, load_documents, load_paths
 from meshlet.errors import ConfigError
+from tests.samples import SAMPLES as _FOUND
 
-SAMPLES = Path(__file__).parents[4] / "shared" / "istio-samples"
+SAMPLES = _FOUND if _FOUND is not None else Path("/nonexistent/istio-samples")
 ALL_FILES = sorted(p for p in SAMPLES.rglob("*") if p.suffix in (".yaml", ".yml"))
 GATEWAY_API = [p for p in ALL_FILES if "gateway-api" in p.parts]
 ISTIO = [p for p in ALL_FILES if "gateway-api" not in p.parts]

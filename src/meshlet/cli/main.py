@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 import meshlet
-from meshlet.cli import proxy
+from meshlet.cli import analyze, config, control, debug, proxy
 from meshlet.errors import ConfigError, MeshletError
 
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meshlet {meshlet.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     proxy.register(commands)
+    control.register(commands)
+    config.register(commands)
+    debug.register(commands)
+    analyze.register(commands)
     return parser
 
 

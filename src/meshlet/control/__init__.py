@@ -16,7 +16,12 @@ It is a pipeline of stages, each fed by the one before (``../shared/DESIGN.md``)
 * ``xds`` -- the ADS server: serves those resources over gRPC, pushing debounced changes only to the
   proxies they affect.
 
-Built so far: each stage on its own, tested (the ``translate`` stage through simulation tests
-that run its output through the proxy's own route matcher). Not yet: wiring them into
-``meshlet control``, the HTTP API and the CLI commands (issue 3).
+The process around them:
+
+* ``generators`` -- ``Translation``: the store's objects as a snapshot, rebuilt once per
+  debounced push, behind the ADS server's ``Generator`` and ``PushScope`` interfaces.
+* ``api`` -- the HTTP API on port 15014: the store over Kubernetes-style JSON paths,
+  ``/apply``, ``/metrics``, ``/debug/syncz``, ``/ready``.
+* ``server`` -- ``meshlet control``: store, translation, ADS server and API wired together,
+  store changes turned into pushes, shutdown on SIGTERM/SIGINT.
 """

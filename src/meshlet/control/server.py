@@ -1,0 +1,143 @@
+"""``meshlet control``: the control plane's process, its stages wired together.
+
+Start-up, in order: open the store (``<state dir>/store.db``, locked against a second control
+plane), build the first snapshot from it (``Translation``), start the ADS server with the
+translation as its generators and push scope, start the HTTP API, then watch the store: each
+committed batch becomes one ``PushRequest`` naming what it touched. The push queue debounces
+them; the translation rebuilds its snapshot once per released push (``prepare_push``), and
+every connected proxy gets what changed for it.
+
+Shutdown (SIGTERM or SIGINT): stop watching, stop the API, end the ADS streams, close the
+store. A progress line is printed for each step of start-up, so a user sees where it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import uvloop
+
+from meshlet.control.api import DEFAULT_ADDRESS as DEFAULT_API_ADDRESS
+from meshlet.control.api import ApiHandler, ApiServer
+from meshlet.control.generators import Translation
+from meshlet.control.store import DEFAULT_STATE_DIR, Event, Store
+from meshlet.control.xds import (
+    CONFIG_UPDATE,
+    AdsServer,
+    ConfigKey,
+    PushQueue,
+    PushRequest,
+)
+from meshlet.control.xds.server import DEFAULT_ADDRESS as DEFAULT_XDS_ADDRESS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlOptions:
+    state_dir: Path = DEFAULT_STATE_DIR
+    xds_address: str = DEFAULT_XDS_ADDRESS
+    api_address: str = DEFAULT_API_ADDRESS
+
+
+def push_request(events: list[Event]) -> PushRequest:
+    """The push a committed batch asks for: a full one, naming each object it touched."""
+    affected = frozenset(
+        ConfigKey(kind=e.key.kind, name=e.key.name, namespace=e.key.namespace) for e in events
+    )
+    return PushRequest(full=True, affected=affected, reason=CONFIG_UPDATE)
+
+
+class ControlPlane:
+    """The running control plane: store, translation, ADS server and API."""
+
+    def __init__(self, options: ControlOptions, out: TextIO = sys.stdout) -> None:
+        self.options = options
+        self.out = out
+        self.store: Store | None = None
+        self.translation: Translation | None = None
+        self.ads: AdsServer | None = None
+        self.api: ApiServer | None = None
+        self._unwatch: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ControlPlane {self.ads!r} {self.api!r}>"
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    async def start(self) -> None:
+        """Start every stage; on failure, stop what was started and raise."""
+        try:
+            store = self.store = Store.in_state_dir(self.options.state_dir)
+            translation = self.translation = Translation(store)
+            self._say(f"store {store.path}: {len(store.list())} objects")
+            queue = PushQueue()
+            ads = self.ads = AdsServer(
+                translation.generators(), queue, self.options.xds_address, scope=translation
+            )
+            await ads.start()
+            self._say(f"xDS on {ads.bound_address}")
+            handler = ApiHandler(
+                store=store,
+                metrics=ads.metrics_text,
+                sync_status=lambda: [s.as_dict() for s in ads.sync_status()],
+                config_dump=translation.config_dump,
+            )
+            api = self.api = ApiServer(handler, self.options.api_address)
+            await api.start()
+            self._say(f"API on http://{api.bound_address}")
+            self._unwatch = store.watch(lambda events: queue.enqueue(push_request(events)))
+            if store.revision != translation.revision:  # written between snapshot and watch
+                queue.enqueue(PushRequest(full=True, reason=CONFIG_UPDATE))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
+        if self.ads is not None:
+            await self.ads.stop(1.0)
+            self.ads = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+async def serve(options: ControlOptions, out: TextIO = sys.stdout) -> None:
+    """Run the control plane until SIGTERM or SIGINT."""
+    plane = ControlPlane(options, out)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await plane.start()
+        print("ready", file=out, flush=True)
+        await stopping.wait()
+        print("shutting down", file=out, flush=True)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await plane.stop()
+
+
+def run(options: ControlOptions) -> int:
+    """``meshlet control``'s body: serve on uvloop; exit code 0 after a signal."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(options))
+    return 0

@@ -2,24 +2,64 @@
 
 ``compile_bootstrap`` checks every part and reports every problem at once (one line each,
 naming the field); nothing is applied unless everything compiles. The same per-resource
-compilers (``compile_listener``, ``compile_cluster``) will serve resources arriving over ADS.
+compilers (``compile_listener``, ``compile_cluster``) serve resources arriving over ADS: a
+bootstrap with ``dynamic_resources`` compiles to a static base plus an ``AdsConfig`` saying
+where the control plane is; ``xds_client`` then builds each new ``ProxyConfig`` from that base
+and the resources it accepted (``with_dynamic``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
+from google.protobuf.message import Message
 
 from meshlet.errors import ConfigError, ProblemList
-from meshlet.proxy.fields import check_fields, join
+from meshlet.proxy.fields import ads_config_source, check_fields, join
 from meshlet.proxy.listener import ListenerConfig, compile_listener
 from meshlet.proxy.telemetry.stats import NodeInfo
 from meshlet.proxy.upstream.cluster import ClusterConfig, compile_cluster
 
-_BOOTSTRAP_FIELDS = {"node", "admin", "static_resources"}
+_BOOTSTRAP_FIELDS = {"node", "admin", "static_resources", "dynamic_resources"}
 _ADMIN_FIELDS = {"address", "access_log", "access_log_path"}
+_DYNAMIC_FIELDS = {"ads_config", "lds_config", "cds_config"}
+_ADS_CONFIG_FIELDS = {
+    "api_type",
+    "transport_api_version",
+    "grpc_services",
+    "set_node_on_first_message_only",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdsConfig:
+    """Where the control plane is (``dynamic_resources.ads_config``) and what to ask it for."""
+
+    cluster_name: str  # the static cluster of the control plane
+    target: str  # host:port for gRPC, from that cluster's first endpoint
+    lds: bool
+    cds: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DynamicResource:
+    """A resource accepted over ADS, as ``/config_dump`` shows it."""
+
+    name: str
+    version: str
+    proto: Message
+    last_updated: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DynamicResources:
+    listeners: tuple[DynamicResource, ...] = ()
+    clusters: tuple[DynamicResource, ...] = ()
+    routes: tuple[DynamicResource, ...] = ()
+    lds_version: str = ""
+    cds_version: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +70,22 @@ class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
     clusters: tuple[ClusterConfig, ...]
     bootstrap: bootstrap_pb2.Bootstrap  # kept for /config_dump
+    ads: AdsConfig | None = None  # set when the bootstrap has dynamic_resources
+    dynamic: DynamicResources = DynamicResources()  # what came over ADS, for /config_dump
+
+    def with_dynamic(
+        self,
+        listeners: tuple[ListenerConfig, ...],
+        clusters: tuple[ClusterConfig, ...],
+        dynamic: DynamicResources,
+    ) -> ProxyConfig:
+        """This (static) configuration plus resources from ADS."""
+        return replace(
+            self,
+            listeners=self.listeners + listeners,
+            clusters=self.clusters + clusters,
+            dynamic=dynamic,
+        )
 
 
 def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
@@ -80,6 +136,12 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         for name in sorted(table.referenced_clusters() - named):
             problems.add(route_path, f"route names unknown cluster {name!r}")
         listeners.append(listener)
+    ads: AdsConfig | None = None
+    if proto.HasField("dynamic_resources"):
+        try:
+            ads = _compile_dynamic(proto.dynamic_resources, clusters)
+        except ConfigError as e:
+            problems.extend(e)
     problems.raise_if_any()
     return ProxyConfig(
         node=proto.node,
@@ -88,6 +150,82 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         listeners=tuple(listeners),
         clusters=tuple(clusters),
         bootstrap=proto,
+        ads=ads,
+    )
+
+
+def _compile_dynamic(
+    dynamic: bootstrap_pb2.Bootstrap.DynamicResources, clusters: list[ClusterConfig]
+) -> AdsConfig:
+    """``dynamic_resources``: one ADS gRPC service on a static cluster; LDS and CDS by ADS."""
+    path = "dynamic_resources"
+    problems = ProblemList()
+    try:
+        check_fields(dynamic, path, _DYNAMIC_FIELDS)
+    except ConfigError as e:
+        problems.extend(e)
+    ads_path = join(path, "ads_config")
+    cluster_name = ""
+    if not dynamic.HasField("ads_config"):
+        problems.add(ads_path, "is required (meshlet speaks ADS only)")
+    else:
+        ads = dynamic.ads_config
+        try:
+            check_fields(ads, ads_path, _ADS_CONFIG_FIELDS)
+        except ConfigError as e:
+            problems.extend(e)
+        if ads.api_type != config_source_pb2.ApiConfigSource.GRPC:
+            name = config_source_pb2.ApiConfigSource.ApiType.Name(ads.api_type)
+            problems.add(join(ads_path, "api_type"), f"{name} is not supported (supported: GRPC)")
+        if ads.transport_api_version != config_source_pb2.V3:
+            name = config_source_pb2.ApiVersion.Name(ads.transport_api_version)
+            problems.add(
+                join(ads_path, "transport_api_version"), f"{name} is not supported (use V3)"
+            )
+        if len(ads.grpc_services) != 1:
+            problems.add(join(ads_path, "grpc_services"), "exactly one gRPC service is required")
+        else:
+            service = ads.grpc_services[0]
+            spath = join(ads_path, "grpc_services[0]")
+            try:
+                check_fields(service, spath, {"envoy_grpc"})
+                check_fields(service.envoy_grpc, join(spath, "envoy_grpc"), {"cluster_name"})
+            except ConfigError as e:
+                problems.extend(e)
+            cluster_name = service.envoy_grpc.cluster_name
+            if not service.HasField("envoy_grpc") or not cluster_name:
+                problems.add(join(spath, "envoy_grpc.cluster_name"), "is required")
+    for field in ("lds_config", "cds_config"):
+        if not dynamic.HasField(field):
+            continue
+        source = getattr(dynamic, field)
+        fpath = join(path, field)
+        try:
+            timeout = ads_config_source(source, fpath)
+        except ConfigError as e:
+            problems.extend(e)
+            continue
+        if timeout is not None and source.HasField("initial_fetch_timeout"):
+            # The proxy waits for its first listeners and clusters without limit.
+            problems.add(join(fpath, "initial_fetch_timeout"), "only 0s is supported")
+    target = ""
+    if cluster_name:
+        found = next((c for c in clusters if c.name == cluster_name), None)
+        where = join(ads_path, "grpc_services[0].envoy_grpc.cluster_name")
+        if found is None:
+            problems.add(where, f"{cluster_name!r} is not a static cluster (static_resources)")
+        elif not found.endpoints:
+            problems.add(where, f"cluster {cluster_name!r} has no endpoints")
+        else:
+            ep = found.endpoints[0]
+            host = f"[{ep.address}]" if ":" in ep.address else ep.address
+            target = f"{host}:{ep.port}"
+    problems.raise_if_any()
+    return AdsConfig(
+        cluster_name=cluster_name,
+        target=target,
+        lds=dynamic.HasField("lds_config"),
+        cds=dynamic.HasField("cds_config"),
     )
 
 

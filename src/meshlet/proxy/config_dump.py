@@ -1,8 +1,10 @@
 """``/config_dump``: the configuration in force, as Envoy's admin ``ConfigDump`` JSON.
 
 Order and message types are Envoy's: Bootstrap, Clusters, Listeners, Routes, each an ``Any``
-with its ``@type``. Imported only when the admin endpoint is used (it pulls in the admin
-protos and protobuf's JSON printer).
+with its ``@type``; resources from ADS appear as Envoy shows them (``dynamic_active_clusters``,
+``dynamic_listeners``, ``dynamic_route_configs``, each with its ``version_info``). Imported
+only when the admin endpoint is used (it pulls in the admin protos and protobuf's JSON
+printer).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def config_dump(config: ProxyConfig, loaded_at: float, resource: str = "") -> di
                     routes.static_route_configs.add(last_updated=updated).route_config.Pack(
                         hcm.route_config
                     )
+    _add_dynamic(config, clusters, listeners, routes)
     for message in (boot, clusters, listeners, routes):
         dumps.configs.add().Pack(message)
     result: dict[str, Any] = json_format.MessageToDict(dumps, preserving_proto_field_name=True)
@@ -49,3 +52,35 @@ def config_dump(config: ProxyConfig, loaded_at: float, resource: str = "") -> di
             picked.extend(entry.get(resource, []))
         return {"configs": picked}
     return result
+
+
+def _timestamp(at: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(at * 1e9))
+    return stamp
+
+
+def _add_dynamic(
+    config: ProxyConfig,
+    clusters: config_dump_shared_pb2.ClustersConfigDump,
+    listeners: config_dump_shared_pb2.ListenersConfigDump,
+    routes: config_dump_shared_pb2.RoutesConfigDump,
+) -> None:
+    dynamic = config.dynamic
+    clusters.version_info = dynamic.cds_version
+    listeners.version_info = dynamic.lds_version
+    for r in dynamic.clusters:
+        entry = clusters.dynamic_active_clusters.add(
+            version_info=r.version, last_updated=_timestamp(r.last_updated)
+        )
+        entry.cluster.Pack(r.proto)
+    for r in dynamic.listeners:
+        state = listeners.dynamic_listeners.add(name=r.name).active_state
+        state.version_info = r.version
+        state.last_updated.CopyFrom(_timestamp(r.last_updated))
+        state.listener.Pack(r.proto)
+    for r in dynamic.routes:
+        entry = routes.dynamic_route_configs.add(
+            version_info=r.version, last_updated=_timestamp(r.last_updated)
+        )
+        entry.route_config.Pack(r.proto)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from envoy.config.core.v3 import config_source_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
@@ -50,3 +51,20 @@ def uint_field(msg: Message, name: str, default: int) -> int:
     if not msg.HasField(name):
         return default
     return int(getattr(msg, name).value)
+
+
+#: Envoy's default ``initial_fetch_timeout`` for a resource the first configuration waits for.
+DEFAULT_FETCH_TIMEOUT = 15.0
+
+
+def ads_config_source(msg: config_source_pb2.ConfigSource, path: str) -> float | None:
+    """Check a ``ConfigSource`` that must be ``{ads: {}}``; return its initial fetch timeout
+    in seconds (``None``: wait without limit, as ``initial_fetch_timeout: 0s`` says)."""
+    check_fields(msg, path, {"ads", "resource_api_version", "initial_fetch_timeout"})
+    if not msg.HasField("ads"):
+        raise ConfigError.at(path, "must be {ads: {}} (only ADS is supported)")
+    check_fields(msg.ads, join(path, "ads"), ())
+    if msg.resource_api_version not in (config_source_pb2.AUTO, config_source_pb2.V3):
+        raise ConfigError.at(join(path, "resource_api_version"), "only V3 is supported")
+    timeout = duration_field(msg, "initial_fetch_timeout", DEFAULT_FETCH_TIMEOUT)
+    return timeout or None

@@ -2,7 +2,9 @@
 
 A listener is an address plus exactly one filter chain holding
 ``envoy.filters.network.http_connection_manager``; the HCM carries an inline route
-configuration, the HTTP filters (``envoy.filters.http.fault`` then ``envoy.filters.http.router``;
+configuration (or, for listeners from ADS, an ``rds`` block naming a RouteConfiguration that
+comes over ADS too: the HCM is compiled with an empty table that the ADS client fills in), the
+HTTP filters (``envoy.filters.http.fault`` then ``envoy.filters.http.router``;
 nothing else), access logs and the HCM's timeouts and header rules. Defaults are Envoy's
 (ENVOY-SEMANTICS §7).
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -20,7 +23,14 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 
 from meshlet.errors import ConfigError, ProblemList
-from meshlet.proxy.fields import check_fields, duration_field, join, uint_field
+from meshlet.proxy.fields import (
+    DEFAULT_FETCH_TIMEOUT,
+    ads_config_source,
+    check_fields,
+    duration_field,
+    join,
+    uint_field,
+)
 from meshlet.proxy.filters.fault import FaultPolicy, compile_fault
 from meshlet.proxy.routing import RouteTable, compile_route_config
 from meshlet.proxy.telemetry.access_log import AccessLogger, compile_access_logs
@@ -50,6 +60,7 @@ _HCM_FIELDS = {
     "proxy_100_continue",
     "always_set_request_id_in_response",
     "preserve_external_request_id",
+    "rds",
 }
 
 
@@ -78,6 +89,8 @@ class HcmConfig:
     server_append_if_absent: bool = False
     proxy_100_continue: bool = False
     suppress_envoy_headers: bool = False
+    rds_route_name: str = ""  # RDS: route_table is a placeholder until the route arrives
+    rds_fetch_timeout: float | None = 15.0  # RDS: how long the first config waits (None: ever)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +102,10 @@ class ListenerConfig:
     hcm: HcmConfig
 
 
-def compile_listener(proto: listener_pb2.Listener, path: str) -> ListenerConfig:
+def compile_listener(
+    proto: listener_pb2.Listener, path: str, *, rds: bool = False
+) -> ListenerConfig:
+    """Compile one Listener; ``rds`` allows HCMs whose routes come by RDS over ADS."""
     check_fields(proto, path, _LISTENER_FIELDS)
     problems = ProblemList()
     addr = proto.address
@@ -112,7 +128,7 @@ def compile_listener(proto: listener_pb2.Listener, path: str) -> ListenerConfig:
     else:
         chain_path = join(path, "filter_chains[0]")
         try:
-            hcm = _compile_chain(proto.filter_chains[0], chain_path, proto.name)
+            hcm = _compile_chain(proto.filter_chains[0], chain_path, proto.name, rds=rds)
         except ConfigError as e:
             problems.extend(e)
     problems.raise_if_any()
@@ -127,7 +143,9 @@ def compile_listener(proto: listener_pb2.Listener, path: str) -> ListenerConfig:
     )
 
 
-def _compile_chain(chain: listener_pb2.FilterChain, path: str, listener_name: str) -> HcmConfig:
+def _compile_chain(
+    chain: listener_pb2.FilterChain, path: str, listener_name: str, *, rds: bool = False
+) -> HcmConfig:
     check_fields(chain, path, {"filters", "name"})
     if len(chain.filters) != 1:
         raise ConfigError.at(
@@ -146,10 +164,12 @@ def _compile_chain(chain: listener_pb2.FilterChain, path: str, listener_name: st
         )
     hcm = hcm_pb2.HttpConnectionManager()
     f.typed_config.Unpack(hcm)
-    return compile_hcm(hcm, join(fpath, "typed_config"), listener_name)
+    return compile_hcm(hcm, join(fpath, "typed_config"), listener_name, rds=rds)
 
 
-def compile_hcm(proto: hcm_pb2.HttpConnectionManager, path: str, listener_name: str) -> HcmConfig:
+def compile_hcm(
+    proto: hcm_pb2.HttpConnectionManager, path: str, listener_name: str, *, rds: bool = False
+) -> HcmConfig:
     problems = ProblemList()
 
     def guard(fn: object) -> object:
@@ -167,12 +187,24 @@ def compile_hcm(proto: hcm_pb2.HttpConnectionManager, path: str, listener_name: 
     ):
         name = hcm_pb2.HttpConnectionManager.CodecType.Name(proto.codec_type)
         problems.add(join(path, "codec_type"), f"{name} is not supported (supported: AUTO, HTTP1)")
-    if not proto.HasField("route_config"):
+    rds_name = ""
+    rds_timeout: float | None = DEFAULT_FETCH_TIMEOUT
+    table: object = None
+    if rds and proto.HasField("rds"):
+        compiled_rds = guard(lambda: _compile_rds(proto, join(path, "rds")))
+        if isinstance(compiled_rds, tuple):
+            rds_name, rds_timeout = compiled_rds
+        if proto.HasField("route_config"):
+            problems.add(join(path, "route_config"), "is not allowed together with rds")
+        table = _EMPTY_TABLE
+    elif not proto.HasField("route_config"):
         problems.add(
             join(path, "route_config"),
-            "an inline route_config is required (RDS is not supported yet)",
+            "an inline route_config is required"
+            + ("" if rds else " (rds only for listeners from ADS)"),
         )
-    table = guard(lambda: compile_route_config(proto.route_config, join(path, "route_config")))
+    else:
+        table = guard(lambda: compile_route_config(proto.route_config, join(path, "route_config")))
     fault_filter, fault, suppress = False, None, False
     filters_path = join(path, "http_filters")
     names = []
@@ -246,7 +278,26 @@ def compile_hcm(proto: hcm_pb2.HttpConnectionManager, path: str, listener_name: 
         server_append_if_absent=transformation == hcm_pb2.HttpConnectionManager.APPEND_IF_ABSENT,
         proxy_100_continue=proto.proxy_100_continue,
         suppress_envoy_headers=suppress,
+        rds_route_name=rds_name,
+        rds_fetch_timeout=rds_timeout,
     )
+
+
+def _compile_rds(proto: hcm_pb2.HttpConnectionManager, path: str) -> tuple[str, float | None]:
+    """The route name of an ``rds`` block and its initial fetch timeout; its config source
+    must be ADS."""
+    rds = proto.rds
+    check_fields(rds, path, {"route_config_name", "config_source"})
+    if not rds.route_config_name:
+        raise ConfigError.at(join(path, "route_config_name"), "is required")
+    source_path = join(path, "config_source")
+    if not rds.HasField("config_source"):
+        raise ConfigError.at(source_path, "is required (config_source: {ads: {}})")
+    timeout = ads_config_source(rds.config_source, source_path)
+    return str(rds.route_config_name), timeout
+
+
+_EMPTY_TABLE = compile_route_config(route_pb2.RouteConfiguration(), "")
 
 
 def _or(value: float | None) -> float:

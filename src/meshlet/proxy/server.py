@@ -10,6 +10,11 @@ command line and one answer line at a time: ``stats`` (summed for ``/stats``), `
 ``hc_ok`` (``/healthcheck/*``). Children die with the parent (PR_SET_PDEATHSIG), so nothing
 is ever orphaned.
 
+With ``dynamic_resources`` the parent also runs the ADS client (``xds_client``, imported only
+then) on its loop; ``/ready`` stays INITIALIZING until the first complete configuration from the
+control plane is applied. Dynamic configuration needs ``--concurrency 1`` for now: one worker
+applies what the stream brings.
+
 Shutdown: SIGTERM, SIGINT and ``POST /quitquitquit`` drain: stop accepting, let requests in
 flight finish with ``connection: close`` for up to ``--drain-time`` seconds, then exit 0.
 """
@@ -27,11 +32,13 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import uvloop
 
+from meshlet.errors import ConfigError
 from meshlet.proxy.admin import AdminProtocol, AdminServer, ServerState
 from meshlet.proxy.config import ProxyConfig
 from meshlet.proxy.telemetry.access_log import DEFAULT_MANAGER
@@ -55,6 +62,12 @@ class BindError(Exception):
 
 def run(config: ProxyConfig, options: ServerOptions) -> int:
     """Serve until told to stop; returns the exit code."""
+    if config.ads is not None and options.concurrency > 1:
+        raise ConfigError.at(
+            "--concurrency",
+            "must be 1 with dynamic_resources (ADS): one worker applies the control plane's "
+            "updates for now",
+        )
     # Startup objects (protos, compiled tables) live for ever: freeze them out of the cyclic
     # GC's reach, so collections stay cheap and forked workers keep sharing those pages.
     gc.collect()
@@ -243,9 +256,12 @@ async def _parent_main(
                 log.warning("a worker sent unreadable stats")
         return snaps
 
+    configured = config.ads is None  # dynamic: once the first configuration is applied
+
     async def set_health_failed(failed: bool) -> None:
         state.health_failed = failed
-        state.state = "DRAINING" if failed or life.draining else "LIVE"
+        live = "LIVE" if configured else "INITIALIZING"
+        state.state = "DRAINING" if failed or life.draining else live
         worker.set_health_failed(failed)
         await ask_children(b"hc_fail" if failed else b"hc_ok")
 
@@ -281,7 +297,19 @@ async def _parent_main(
             raise BindError(f"admin: cannot bind {host}:{port}: {e.strerror}") from e
     state.state = "INITIALIZING"
     await worker.start(sockets)
-    state.state = "LIVE"
+    xds_task = None
+    if config.ads is None:
+        state.state = "LIVE"
+    else:
+
+        def ready() -> None:
+            nonlocal configured
+            configured = True
+            if not life.draining and not state.health_failed:
+                state.state = "LIVE"
+            log.info("first configuration from the control plane applied: live")
+
+        xds_task = loop.create_task(_run_xds(config, worker, state, ready))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, quit_)
     flusher = loop.create_task(_flush_logs_forever(worker))
@@ -289,13 +317,24 @@ async def _parent_main(
         f"{lc.host}:{sockets[lc.name].getsockname()[1]}" for lc in config.listeners
     )
     log.info(
-        "meshlet proxy is live: listeners %s; admin %s; %d worker(s)",
+        "meshlet proxy is %s: listeners %s; admin %s; %d worker(s)",
+        "live" if config.ads is None else "started",
         addresses or "(none)",
         f"{config.admin[0]}:{config.admin[1]}" if config.admin else "(none)",
         options.concurrency,
     )
+    if config.ads is not None:
+        log.info(
+            "waiting for configuration from the control plane at %s (cluster %s)",
+            config.ads.target,
+            config.ads.cluster_name,
+        )
     await life.done.wait()
     flusher.cancel()
+    if xds_task is not None:
+        xds_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await xds_task
     worker.stop()
     DEFAULT_MANAGER.close()
     if admin_server is not None:
@@ -305,3 +344,16 @@ async def _parent_main(
             os.waitpid(pid, 0)
     sys.stdout.flush()
     return 0
+
+
+async def _run_xds(
+    config: ProxyConfig, worker: Worker, state: ServerState, ready: Callable[[], None]
+) -> None:
+    """The ADS client: each accepted update goes to the worker and to the admin's view."""
+    from meshlet.proxy.xds_client import XdsClient  # grpcio: only for dynamic bootstraps
+
+    async def apply(new: ProxyConfig) -> None:
+        await worker.apply(new)
+        state.config = new
+
+    await XdsClient(config, apply, ready).run()

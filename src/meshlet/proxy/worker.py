@@ -3,7 +3,10 @@
 A ``Worker`` binds every listener (SO_REUSEPORT, so that ``--concurrency`` workers share the
 ports and the kernel spreads connections), owns one ``ClusterManager`` and one ``StatsStore``,
 and applies a new ``ProxyConfig`` by swapping references: requests in flight finish on the
-configuration they started with.
+configuration they started with. ``apply`` (the ADS client's) binds the sockets of new
+listeners before it changes anything, so a port that cannot be bound rejects the whole update;
+then it swaps clusters (unchanged ones keep their live state), updates kept listeners in
+place, starts new ones and drains removed ones.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import random
 import socket
 
+from meshlet.errors import ConfigError, Problem
 from meshlet.proxy.config import ProxyConfig
 from meshlet.proxy.http1 import DownstreamConnection
 from meshlet.proxy.listener import HcmConfig, ListenerConfig
@@ -136,16 +140,63 @@ class Worker:
         """Build clusters, bind listeners, and wait for DNS clusters' first answer."""
         self.clusters.apply(self.config.clusters)
         for listener in self.config.listeners:
-            rt = ListenerRuntime(listener, self.clusters, self.stats, self.loop, self.rng)
             sock = (sockets or {}).get(listener.name) or bind_listener(listener)
-            rt.server = await self.loop.create_server(
-                functools.partial(DownstreamConnection, rt), sock=sock, backlog=1024
-            )
-            self.listeners[listener.name] = rt
+            await self._serve(listener, sock)
         try:
             await self.clusters.initialized(timeout=10.0)
         except TimeoutError:
             log.warning("some DNS clusters have no hosts yet; serving anyway")
+
+    async def _serve(self, listener: ListenerConfig, sock: socket.socket) -> None:
+        rt = ListenerRuntime(listener, self.clusters, self.stats, self.loop, self.rng)
+        rt.server = await self.loop.create_server(
+            functools.partial(DownstreamConnection, rt), sock=sock, backlog=1024
+        )
+        self.listeners[listener.name] = rt
+
+    async def apply(self, config: ProxyConfig) -> None:
+        """Swap to ``config`` (a whole new configuration, e.g. from ADS).
+
+        Raises ``ConfigError`` and changes nothing when a new listener's address cannot be
+        bound. Requests in flight finish on the tables they started with; removed listeners
+        stop accepting and drain their connections.
+        """
+        if self.shutting_down:
+            return
+        rebind = {
+            lc.name: lc
+            for lc in config.listeners
+            if (rt := self.listeners.get(lc.name)) is None
+            or (rt.config.host, rt.config.port) != (lc.host, lc.port)
+        }
+        moving = {name for name in rebind if name in self.listeners}
+        sockets: dict[str, socket.socket] = {}
+        problems = []
+        for name, lc in rebind.items():
+            try:
+                check_port_free(lc)  # also refuses an address another listener here has
+                sockets[name] = bind_listener(lc)
+            except OSError as e:
+                problems.append(
+                    Problem(path=f"listener {name}", message=f"cannot bind: {e.strerror}")
+                )
+        if problems:
+            for sock in sockets.values():
+                sock.close()
+            raise ConfigError(problems)
+        self.config = config
+        self.clusters.apply(config.clusters)
+        wanted = {lc.name for lc in config.listeners}
+        for name in [n for n in self.listeners if n not in wanted or n in moving]:
+            rt = self.listeners.pop(name)
+            if rt.server is not None:
+                rt.server.close()
+            rt.drain()
+        for lc in config.listeners:
+            if lc.name in sockets:
+                await self._serve(lc, sockets[lc.name])
+            else:
+                self.listeners[lc.name].apply(lc)
 
     def flush_logs(self) -> None:
         for rt in self.listeners.values():

@@ -9,7 +9,10 @@ change.
 
 A cluster is *initialized* once it has its first host set (DNS clusters: the first answer)
 and, with active health checking, once every host has had its first check, as Envoy's
-``ClusterImplBase`` waits for the first round before the server goes LIVE. A passing active
+``ClusterImplBase`` waits for the first round before the server goes LIVE. EDS clusters (only
+from ADS) get their hosts from a ClusterLoadAssignment: the ADS client installs an EDS cluster
+once its assignment is known (Envoy's cluster warming), and a later assignment changes the hosts
+of the live cluster in place, keeping the pools and counters of hosts that stayed. A passing active
 health check returns a host ejected by outlier detection (Envoy's
 ``successful_active_health_check_uneject_host``, default true).
 """
@@ -21,14 +24,21 @@ import logging
 import random
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from meshlet.errors import ConfigError, ProblemList
-from meshlet.proxy.fields import check_fields, duration_field, join, uint_field
+from meshlet.proxy.fields import (
+    DEFAULT_FETCH_TIMEOUT,
+    ads_config_source,
+    check_fields,
+    duration_field,
+    join,
+    uint_field,
+)
 from meshlet.proxy.telemetry.stats import ClusterStats, StatsStore
 from meshlet.proxy.upstream.health import (
     Check,
@@ -76,6 +86,7 @@ _CLUSTER_FIELDS = {
     "maglev_lb_config",
     "common_lb_config",
     "alt_stat_name",
+    "eds_cluster_config",
 }
 
 
@@ -103,7 +114,7 @@ class EndpointConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
     name: str
-    discovery: str  # STATIC, STRICT_DNS, LOGICAL_DNS
+    discovery: str  # STATIC, STRICT_DNS, LOGICAL_DNS, EDS
     endpoints: tuple[EndpointConfig, ...]
     connect_timeout: float
     lb: LbConfig
@@ -116,10 +127,16 @@ class ClusterConfig:
     dns_refresh_rate: float
     dns_family: int  # for getaddrinfo
     dns_preferred: int | None  # the family used when the answer has both (None: keep both)
+    eds_service_name: str = ""  # EDS: the ClusterLoadAssignment's name (default: the cluster's)
+    eds_fetch_timeout: float | None = 15.0  # EDS: how long the first config waits (None: ever)
 
 
-def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
-    """Compile one Cluster; raises ``ConfigError`` listing every unsupported or bad field."""
+def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False) -> ClusterConfig:
+    """Compile one Cluster; raises ``ConfigError`` listing every unsupported or bad field.
+
+    ``eds`` allows ``type: EDS`` (clusters from ADS, whose endpoints come over ADS too); the
+    result then has no endpoints until ``with_assignment`` gives it some.
+    """
     problems = ProblemList()
 
     def attempt(fn: object) -> None:
@@ -133,12 +150,21 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
     if not proto.name:
         problems.add(join(path, "name"), "is required")
     discovery = _DISCOVERY.get(proto.type)
-    if discovery is None:
+    service_name = ""
+    fetch_timeout: float | None = DEFAULT_FETCH_TIMEOUT
+    if eds and proto.type == cluster_pb2.Cluster.EDS:
+        discovery = "EDS"
+        try:
+            service_name, fetch_timeout = _compile_eds_config(proto, path)
+        except ConfigError as e:
+            problems.extend(e)
+    elif discovery is None:
         name = cluster_pb2.Cluster.DiscoveryType.Name(proto.type)
-        problems.add(
-            join(path, "type"),
-            f"{name} is not supported (supported: {', '.join(_DISCOVERY.values())})",
-        )
+        supported = ", ".join(_DISCOVERY.values()) + (", EDS" if eds else "")
+        hint = "" if eds else "; EDS only for clusters from ADS"
+        problems.add(join(path, "type"), f"{name} is not supported (supported: {supported}{hint})")
+    if discovery != "EDS" and proto.HasField("eds_cluster_config"):
+        problems.add(join(path, "eds_cluster_config"), "is only allowed with type: EDS")
     lb: list[LbConfig] = []
     attempt(lambda: lb.append(compile_lb_config(proto, path)))
     outlier: list[OutlierConfig | None] = [None]
@@ -158,7 +184,17 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
 
         attempt(_health)
     endpoints: list[EndpointConfig] = []
-    attempt(lambda: endpoints.extend(_compile_endpoints(proto, path)))
+    if discovery == "EDS":
+        if proto.HasField("load_assignment"):
+            problems.add(
+                join(path, "load_assignment"),
+                "is not allowed with type: EDS (its endpoints come by EDS)",
+            )
+    else:
+        load_assignment = proto.load_assignment
+        attempt(
+            lambda: endpoints.extend(compile_cla(load_assignment, join(path, "load_assignment")))
+        )
     limits: list[Thresholds] = [Thresholds()]
     if proto.HasField("circuit_breakers"):
 
@@ -197,12 +233,34 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str) -> ClusterConfig:
         dns_refresh_rate=duration_field(proto, "dns_refresh_rate", 5.0) or 5.0,
         dns_family=_FAMILIES[proto.dns_lookup_family][0],
         dns_preferred=_FAMILIES[proto.dns_lookup_family][1],
+        eds_service_name=(service_name or proto.name) if discovery == "EDS" else "",
+        eds_fetch_timeout=fetch_timeout,
     )
 
 
-def _compile_endpoints(proto: cluster_pb2.Cluster, path: str) -> list[EndpointConfig]:
-    cla = proto.load_assignment
-    cla_path = join(path, "load_assignment")
+def _compile_eds_config(proto: cluster_pb2.Cluster, path: str) -> tuple[str, float | None]:
+    """The EDS resource name of an EDS cluster and its initial fetch timeout; its config
+    source must be ADS."""
+    eds_path = join(path, "eds_cluster_config")
+    if not proto.HasField("eds_cluster_config"):
+        raise ConfigError.at(eds_path, "is required with type: EDS")
+    config = proto.eds_cluster_config
+    check_fields(config, eds_path, {"eds_config", "service_name"})
+    timeout = ads_config_source(config.eds_config, join(eds_path, "eds_config"))
+    return str(config.service_name), timeout
+
+
+def with_assignment(
+    config: ClusterConfig, cla: endpoint_pb2.ClusterLoadAssignment, path: str
+) -> ClusterConfig:
+    """An EDS cluster's configuration with the endpoints of ``cla``; ``ConfigError`` if bad."""
+    return replace(config, endpoints=tuple(compile_cla(cla, path)))
+
+
+def compile_cla(cla: endpoint_pb2.ClusterLoadAssignment, cla_path: str) -> list[EndpointConfig]:
+    """The endpoints of a ClusterLoadAssignment (a cluster's ``load_assignment`` or from EDS):
+    priorities, endpoint weights and EDS health status. Locality weights are accepted; as in
+    Envoy without ``locality_weighted_lb_config``, they do not change the balancing."""
     check_fields(cla, cla_path, {"cluster_name", "endpoints"})
     out: list[EndpointConfig] = []
     problems = ProblemList()
@@ -309,8 +367,9 @@ class Cluster:
         self._timers: list[asyncio.TimerHandle] = []
         self._dns_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
-        if config.discovery == "STATIC":
-            self._set_hosts([_host(ep, ep.address) for ep in config.endpoints])
+        self._eds_hosts: dict[EndpointConfig, Host] = {}  # EDS: each endpoint's host
+        if config.discovery in ("STATIC", "EDS"):
+            self._set_hosts(self._hosts_of(config.endpoints))
             self._resolved = True
             if config.health is None:
                 self.initialized.set()
@@ -336,9 +395,21 @@ class Cluster:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _hosts_of(self, endpoints: tuple[EndpointConfig, ...]) -> list[Host]:
+        """Hosts for ``endpoints``; an endpoint the cluster already has keeps its host."""
+        hosts = {ep: self._eds_hosts.get(ep) or _host(ep, ep.address) for ep in endpoints}
+        self._eds_hosts = hosts
+        return list(hosts.values())
+
+    def update_endpoints(self, config: ClusterConfig) -> None:
+        """A new assignment for this EDS cluster (nothing else changed): swap the host set,
+        keeping the live state (pools, counters, outlier and health state) of hosts that stay."""
+        self.config = config
+        self._set_hosts(self._hosts_of(config.endpoints))
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.config.discovery != "STATIC":
+        if self.config.discovery not in ("STATIC", "EDS"):
             self._dns_task = loop.create_task(self._resolve_forever())
         if self.config.outlier is not None:
             self.outlier = OutlierDetector(
@@ -484,6 +555,12 @@ def _host(ep: EndpointConfig, address: str) -> Host:
     return host
 
 
+def _only_endpoints_differ(old: ClusterConfig, new: ClusterConfig) -> bool:
+    return old.discovery == new.discovery == "EDS" and replace(old, endpoints=()) == replace(
+        new, endpoints=()
+    )
+
+
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -508,6 +585,9 @@ class ClusterManager:
         for config in configs:
             old = self.clusters.get(config.name)
             if old is not None and old.config == config:
+                new[config.name] = old
+            elif old is not None and _only_endpoints_differ(old.config, config):
+                old.update_endpoints(config)
                 new[config.name] = old
             else:
                 cluster = Cluster(config, self._stats.cluster(config.name), self._rng)

@@ -22,10 +22,11 @@ from envoy.config.cluster.v3 import cluster_pb2
 from meshlet.control.xds import CLUSTER_TYPE
 from tests.integration.conftest import free_port, meshlet_cmd
 from tests.integration.test_ads_server import AdsClient, names_of
+from tests.samples import SAMPLES as _FOUND
 
 pytestmark = pytest.mark.timeout(90)
 
-SAMPLES = Path(__file__).parents[3] / "shared" / "istio-samples" / "bookinfo"
+SAMPLES = (_FOUND or Path("/nonexistent")) / "bookinfo"
 BOOKINFO = SAMPLES / "platform" / "kube" / "bookinfo.yaml"
 DESTINATION_RULES = SAMPLES / "networking" / "destination-rule-all.yaml"
 SIDECAR = "sidecar~10.1.0.7~productpage-v1-abc.default~default.svc.cluster.local"

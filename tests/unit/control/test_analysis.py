@@ -8,8 +8,9 @@ import pytest
 
 from meshlet.api import load_documents
 from meshlet.control.analysis import Level, analyze
+from tests.samples import SAMPLES as _FOUND
 
-SAMPLES = Path(__file__).parents[4] / "shared" / "istio-samples" / "bookinfo"
+SAMPLES = (_FOUND or Path("/nonexistent")) / "bookinfo"
 
 SERVICES = """
 apiVersion: v1

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meshlet.api import LoadNote, load_paths
+if TYPE_CHECKING:
+    from meshlet.api import LoadNote
 from meshlet.errors import ConfigError
 
 
@@ -36,6 +37,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshlet.api import load_paths  # not at import time: `meshlet proxy` shares this CLI
     from meshlet.control.analysis import Level, analyze
 
     notes: list[LoadNote] = []

@@ -14,15 +14,14 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from meshlet.api import REGISTRY, KindInfo, LoadedResource, UnknownKindError, load_paths
-from meshlet.api.loader import SourcedProblem
+if TYPE_CHECKING:  # meshlet.api (pydantic) is imported by the commands that use it, so that
+    # `meshlet proxy`, which shares this CLI, never pays for it (DESIGN: 40 MiB per sidecar).
+    from meshlet.api import KindInfo, LoadedResource
 from meshlet.errors import ConfigError, MeshletError
 
 DEFAULT_SERVER = "http://127.0.0.1:15014"
@@ -55,6 +54,11 @@ class ControlClient:
     def request(self, method: str, path: str, body: Any = None) -> Any:
         """The decoded JSON answer. Raises ``ServerError`` for a failure status, and
         ``MeshletError`` when the control plane cannot be reached."""
+        # Imported here: urllib.request pulls in http.client and email, ~1 MiB that
+        # `meshlet proxy` (which shares this CLI) must not carry.
+        import urllib.error
+        import urllib.request
+
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
@@ -147,6 +151,8 @@ def register(commands: Any) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    from meshlet.api import load_paths
+
     resources = load_paths(args.filename)
     if not resources:
         raise MeshletError("no objects passed to apply")
@@ -163,6 +169,8 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def _located(error: ServerError, resources: list[LoadedResource]) -> ConfigError:
+    from meshlet.api.loader import SourcedProblem
+
     """The server's validation causes, placed at the files and lines of their objects."""
     problems = []
     details = error.body.get("details") or {}
@@ -183,6 +191,8 @@ def _located(error: ServerError, resources: list[LoadedResource]) -> ConfigError
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    from meshlet.api import load_paths
+
     resources = load_paths(args.filename)
     client = _client(args)
     code = 0
@@ -203,6 +213,8 @@ def run_delete(args: argparse.Namespace) -> int:
 
 
 def run_get(args: argparse.Namespace) -> int:
+    from meshlet.api import REGISTRY, UnknownKindError
+
     try:
         info = REGISTRY.resolve(args.kind)
     except UnknownKindError as e:

@@ -8,6 +8,7 @@ comment says so.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -239,6 +240,25 @@ def test_healthcheck_fail_reaches_every_worker(upstream, start_proxy):
     assert proxy.admin_post("/healthcheck/fail")[0] == 200
     closes = [http_request(proxy.port, f"/{i}").headers.get("connection") for i in range(20)]
     assert closes == ["close"] * 20
+
+
+def test_a_worker_that_dies_leaves_the_others_serving_every_connection(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    # A crashed worker's SO_REUSEPORT sockets close with it, so the kernel stops handing it
+    # connections: nothing is black-holed, and the parent stops asking it for stats.
+    proxy = start_proxy(bootstrap(clusters=[cluster("web", upstream.port)]), "--concurrency", "2")
+    pid = proxy.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1
+    os.kill(int(children[0]), signal.SIGKILL)
+    time.sleep(0.3)
+    statuses = [http_request(proxy.port, f"/{i}").status for i in range(30)]
+    assert statuses == [200] * 30
+    status, text = proxy.admin_get("/stats/prometheus")
+    assert status == 200
+    assert "envoy_cluster_upstream_rq_total" in text
+    assert _wait_for(lambda: "has exited" in proxy.stderr())
 
 
 # -- draining and exit ----------------------------------------------------------------------------

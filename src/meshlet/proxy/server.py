@@ -227,24 +227,32 @@ async def _parent_main(
     started = time.time()
     worker = Worker(config, loop, index=0, concurrency=options.concurrency)
     life = _Lifecycle(worker, options.drain_time)
-    channels: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    for _, sock in children:
-        channels.append(await asyncio.open_connection(sock=sock))
+    channels: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+    for pid, sock in children:
+        channels[pid] = await asyncio.open_connection(sock=sock)
     lock = asyncio.Lock()
 
     async def ask_children(command: bytes) -> list[bytes]:
         """Send ``command`` to every child; their answer lines (a silent child is skipped)."""
         answers = []
         async with lock:  # one outstanding question per child channel
-            for reader, writer in channels:
+            for pid, (reader, writer) in list(channels.items()):
                 try:
                     writer.write(command + b"\n")
                     await writer.drain()
                     line = await asyncio.wait_for(reader.readline(), 2.0)
-                    if line:
-                        answers.append(line)
-                except (TimeoutError, OSError):
-                    log.warning("a worker did not answer %r", command.decode())
+                except TimeoutError:
+                    log.warning("worker pid %d did not answer %r", pid, command.decode())
+                    continue
+                except OSError:
+                    line = b""
+                if line:
+                    answers.append(line)
+                else:
+                    # Its end of the channel is closed: the worker is gone. The kernel no longer
+                    # sends it connections (its sockets closed with it); the others serve all.
+                    log.error("worker pid %d has exited; the other workers serve its share", pid)
+                    del channels[pid]
         return answers
 
     async def snapshots() -> list[dict[str, Any]]:

@@ -181,7 +181,7 @@ class Stream:
 
     # -- response, from the router or a local reply ------------------------------------------
 
-    def start_response(self, status: int, headers: Headers, *, upstream: bool) -> None:
+    def start_response(self, status: int, headers: Headers) -> None:
         """Queue the response head. ``headers`` are the upstream's (hop-by-hop included)."""
         head = self.head
         assert head is not None
@@ -298,7 +298,7 @@ class Stream:
             self.head = RequestHead(
                 method=b"GET", path=b"/", authority=b"", headers=Headers(), keep_alive=False
             )
-        self.start_response(status, out, upstream=False)
+        self.start_response(status, out)
         self.send_body(body)
         self.end_response()
 

@@ -327,7 +327,7 @@ class UpstreamRequest:
         else:
             host.rq_success += 1
         self._end_attempt(error=False)
-        stream.start_response(status, headers, upstream=True)
+        stream.start_response(status, headers)
 
     def on_response_body(self, data: bytes) -> None:
         self.stream.send_body(data)

@@ -42,25 +42,36 @@ def test_unknown_field_is_named_with_its_line():
 
 
 def test_unsupported_lb_policy_lists_the_supported_ones():
-    text = EXAMPLE.read_text().replace("LEAST_REQUEST", "CLUSTER_PROVIDED")
+    text = EXAMPLE.read_text().replace("LEAST_REQUEST", "LOAD_BALANCING_POLICY_CONFIG")
     with pytest.raises(ConfigError) as e:
         compile_text(text)
     (line,) = str(e.value).splitlines()  # the route naming the bad cluster is not blamed too
-    assert "static_resources.clusters[0].lb_policy: CLUSTER_PROVIDED is not supported" in line
-    assert "(supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)" in line
+    assert (
+        "static_resources.clusters[0].lb_policy: LOAD_BALANCING_POLICY_CONFIG is not supported"
+        in line
+    )
+    assert "(supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV, CLUSTER_PROV" in line
     assert line.startswith("b.yaml:")
+
+
+def test_cluster_provided_balancing_needs_an_original_dst_cluster():
+    """Envoy: CLUSTER_PROVIDED is the balancing of ORIGINAL_DST clusters (and only theirs)."""
+    text = EXAMPLE.read_text().replace("LEAST_REQUEST", "CLUSTER_PROVIDED")
+    with pytest.raises(ConfigError) as e:
+        compile_text(text)
+    assert "clusters[0].lb_policy: CLUSTER_PROVIDED needs type: ORIGINAL_DST" in str(e.value)
 
 
 def test_every_problem_is_reported_one_line_each():
     text = (
         EXAMPLE.read_text()
         .replace("cluster: web\n", "cluster: nope\n")
-        .replace("connect_timeout: 1s", "connect_timeout: 1s\n    cleanup_interval: 5s")
+        .replace("connect_timeout: 1s", "connect_timeout: 1s\n    respect_dns_ttl: true")
     )
     with pytest.raises(ConfigError) as e:
         compile_text(text)
     lines = str(e.value).splitlines()
-    assert any("clusters[0].cleanup_interval: is not supported by meshlet" in x for x in lines)
+    assert any("clusters[0].respect_dns_ttl: is not supported by meshlet" in x for x in lines)
     assert any("route names unknown cluster 'nope'" in x for x in lines)
 
 

@@ -77,12 +77,13 @@ def test_defaults_are_envoys() -> None:
 
 
 def test_unsupported_policy_is_refused_by_field_path_with_the_supported_list() -> None:
-    # cluster.proto LbPolicy: CLUSTER_PROVIDED and LOAD_BALANCING_POLICY_CONFIG are not ours.
+    # cluster.proto LbPolicy: LOAD_BALANCING_POLICY_CONFIG is not ours.
+    policy = Cluster.LOAD_BALANCING_POLICY_CONFIG
     with pytest.raises(ConfigError) as e:
-        compile_lb_config(Cluster(name="c", lb_policy=Cluster.CLUSTER_PROVIDED), PATH)
+        compile_lb_config(Cluster(name="c", lb_policy=policy), PATH)
     assert str(e.value) == (
-        "static_resources.clusters[1].lb_policy: CLUSTER_PROVIDED is not supported "
-        "(supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)"
+        "static_resources.clusters[1].lb_policy: LOAD_BALANCING_POLICY_CONFIG is not supported "
+        "(supported: ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV, CLUSTER_PROVIDED)"
     )
 
 

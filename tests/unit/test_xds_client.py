@@ -262,7 +262,7 @@ def test_bad_resources_keep_their_last_version_and_every_problem_is_listed() -> 
     tables, error = good.accept(r, b, 0.0)
     assert error is not None
     text = str(error)
-    assert "cluster a.lb_policy: CLUSTER_PROVIDED is not supported" in text
+    assert "cluster a.lb_policy: CLUSTER_PROVIDED needs type: ORIGINAL_DST" in text
     assert "cluster c.eds_cluster_config: is required with type: EDS" in text
     # As in Envoy: the valid "b" is taken, "a" keeps version 1, "c" is not there.
     assert {n: e.version for n, e in tables.clusters.items()} == {"a": "1", "b": "2"}
@@ -358,7 +358,8 @@ def test_a_nack_keeps_the_last_version_and_says_why() -> None:
     [nack] = run(client.handle(response(CLUSTER_TYPE, "2", bad, nonce="c2")))
     assert (nack.version_info, nack.response_nonce) == ("1", "c2")
     assert nack.error_detail.code == 3
-    assert "cluster a.lb_policy: CLUSTER_PROVIDED is not supported" in nack.error_detail.message
+    message = nack.error_detail.message
+    assert "cluster a.lb_policy: CLUSTER_PROVIDED needs type: ORIGINAL_DST" in message
     assert client.tables.clusters["a"].version == "1"  # the version accepted before
 
     # A configuration that compiles but cannot be applied (a port in use) is NACKed too.

@@ -39,6 +39,9 @@ from meshlet.api.networking import Location, Resolution, ServiceEntry, WorkloadE
 DEFAULT_DOMAIN_SUFFIX = "cluster.local"
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
+# On a pod whose sidecar receives its inbound traffic on this port of the pod IP, because
+# nothing captures traffic to the application's ports (meshlet's embedded runtime).
+INBOUND_PORT_ANNOTATION = "sidecar.meshlet.dev/inbound-port"
 PUBLIC = "*"
 
 
@@ -210,6 +213,13 @@ class Endpoint:
     workload: str = ""  # the pod or WorkloadEntry name
     namespace: str = ""
     tls_mode: str = "disabled"  # "istio" when the workload speaks Istio mTLS
+    inbound_port: int = 0  # its sidecar's inbound listener, where clients connect (0: none)
+
+    @property
+    def connect_port(self) -> int:
+        """Where a client connects: the sidecar's inbound listener when traffic to the
+        workload is not captured (the embedded runtime), else the target port itself."""
+        return self.inbound_port or self.port
 
     def __repr__(self) -> str:
         state = "" if self.ready else " not-ready"
@@ -239,6 +249,7 @@ class Workload:
     network: str = ""
     weight: int = 0
     from_workload_entry: bool = False
+    inbound_port: int = 0  # INBOUND_PORT_ANNOTATION: its sidecar listens there, uncaptured
 
     def __repr__(self) -> str:
         return f"<Workload {self.namespace}/{self.name} {self.address}>"
@@ -551,6 +562,7 @@ def _endpoint(w: Workload, port: int) -> Endpoint:
         workload=w.name,
         namespace=w.namespace,
         tls_mode=w.tls_mode,
+        inbound_port=w.inbound_port,
     )
 
 
@@ -607,6 +619,7 @@ def _workload_from_pod(pod: k8s.Pod, namespace: str) -> Workload | None:
         if isinstance(condition, Mapping) and condition.get("type") == "Ready":
             ready = condition.get("status") == "True"
     ports = {p.name: p.container_port for c in pod.spec.containers for p in c.ports if p.name}
+    inbound = pod.metadata.annotations.get(INBOUND_PORT_ANNOTATION, "")
     return Workload(
         name=pod.metadata.name,
         namespace=namespace,
@@ -615,4 +628,5 @@ def _workload_from_pod(pod: k8s.Pod, namespace: str) -> Workload | None:
         ports=ports,
         ready=ready,
         service_account=pod.spec.effective_service_account,
+        inbound_port=int(inbound) if inbound.isdigit() and 0 < int(inbound) < 65536 else 0,
     )

@@ -22,6 +22,7 @@ Rules it keeps (ENVOY-SEMANTICS §3, §6, §8):
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING
 
 from meshlet.proxy import framing
@@ -186,7 +187,9 @@ class UpstreamRequest:
         assert head is not None
         key = hash_policy.compute(head, self.stream.conn.peer_ip) if hash_policy else None
         previous = self._tried and self._retry is not None and self._retry.policy.previous_hosts
-        if key is None and not previous:
+        if cluster.config.discovery == "ORIGINAL_DST":
+            ctx = LbContext(original_dst=self._original_destination(head))
+        elif key is None and not previous:
             ctx = NO_CONTEXT  # the common case: no allocation
         else:
             ctx = LbContext(hash_key=key, excluded=frozenset(self._tried) if previous else _NONE)
@@ -201,6 +204,30 @@ class UpstreamRequest:
         if not pool.acquire(self):
             self.pool = None
             self._on_reset(Reset.OVERFLOW)
+
+    def _original_destination(self, head: RequestHead) -> tuple[str, int] | None:
+        """Where the request was going, for an ORIGINAL_DST cluster.
+
+        With ``use_http_header``, the header's ``IP:port`` (Envoy's rule: nothing else).
+        Otherwise Envoy takes the address the connection was sent to before capture. meshlet
+        captures nothing -- applications reach an outbound listener as their HTTP proxy and
+        an inbound listener directly -- so the original destination is what the request
+        names: an outbound listener goes to the authority's host and port, an inbound one to
+        its own IP at the authority's port. The port defaults to 80.
+        """
+        header = self.cluster.config.original_dst_header
+        if header is not None:
+            value = head.headers.get(header)
+            return _ip_port(value) if value is not None else None
+        host, sep, port_text = head.authority.rpartition(b":")
+        if not sep or b"]" in port_text:  # no port (or an IPv6 literal without one)
+            host, port_text = head.authority, b"80"
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536 or not host:
+            return None
+        name = host.strip(b"[]").decode("ascii", "replace")
+        if self.stream.conn.runtime.reporter == "destination":
+            name = self.stream.conn.local.rpartition(":")[0].strip("[]")
+        return name, int(port_text)
 
     # -- PoolWaiter ----------------------------------------------------------------------------
 
@@ -655,3 +682,16 @@ def _shadow_host(authority: bytes) -> bytes:
     if sep and port.isdigit():
         return host + b"-shadow:" + port
     return authority + b"-shadow"
+
+
+def _ip_port(value: bytes) -> tuple[str, int] | None:
+    """``IP:port`` (``[v6]:port`` too) from a header, else None."""
+    host, sep, port_text = value.decode("ascii", "replace").strip().rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return host, int(port_text)

@@ -11,6 +11,8 @@ Rules kept (``ISTIO-TRANSLATION.md`` §5, ``DESIGN.md``'s xDS facts):
   is its own, or 1.
 * With outlier detection on the cluster and a proxy locality known, endpoints get Istio's
   failover priorities: 0 same subzone, 1 same zone, 2 same region, 3 elsewhere (compacted).
+* An endpoint whose sidecar takes inbound traffic uncaptured (the embedded runtime's pods)
+  is sent at its sidecar's inbound port; the sidecar routes by the ``Host`` port.
 * ``metadata.filter_metadata["istio"]["workload"]`` is
   ``<workload>;<namespace>;<canonical service>;<canonical revision>;<cluster>``.
 """
@@ -101,7 +103,7 @@ def _lb_endpoint(e: Endpoint) -> endpoint_components_pb2.LbEndpoint:
     lbe = endpoint_components_pb2.LbEndpoint(health_status=_HEALTHY)
     sa = lbe.endpoint.address.socket_address
     sa.address = e.address
-    sa.port_value = e.port
+    sa.port_value = e.connect_port
     lbe.load_balancing_weight.value = e.weight or 1
     if e.workload:
         lbe.metadata.filter_metadata["istio"].update({"workload": _workload(e)})

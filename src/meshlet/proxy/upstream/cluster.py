@@ -20,6 +20,7 @@ health check returns a host ejected by outlier detection (Envoy's
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -57,7 +58,9 @@ _DISCOVERY = {
     cluster_pb2.Cluster.STATIC: "STATIC",
     cluster_pb2.Cluster.STRICT_DNS: "STRICT_DNS",
     cluster_pb2.Cluster.LOGICAL_DNS: "LOGICAL_DNS",
+    cluster_pb2.Cluster.ORIGINAL_DST: "ORIGINAL_DST",
 }
+ORIGINAL_DST_HEADER = b"x-envoy-original-dst-host"  # original_dst_lb_config's default header
 # dns_lookup_family -> (getaddrinfo family, preferred family or None). Envoy's rules: AUTO
 # uses IPv6 addresses when there are any, else IPv4; V4_PREFERRED the reverse; ALL keeps both.
 _FAMILIES: dict[int, tuple[int, int | None]] = {
@@ -87,6 +90,9 @@ _CLUSTER_FIELDS = {
     "common_lb_config",
     "alt_stat_name",
     "eds_cluster_config",
+    "original_dst_lb_config",
+    "cleanup_interval",
+    "upstream_bind_config",
 }
 
 
@@ -114,7 +120,7 @@ class EndpointConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
     name: str
-    discovery: str  # STATIC, STRICT_DNS, LOGICAL_DNS, EDS
+    discovery: str  # STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST
     endpoints: tuple[EndpointConfig, ...]
     connect_timeout: float
     lb: LbConfig
@@ -129,6 +135,9 @@ class ClusterConfig:
     dns_preferred: int | None  # the family used when the answer has both (None: keep both)
     eds_service_name: str = ""  # EDS: the ClusterLoadAssignment's name (default: the cluster's)
     eds_fetch_timeout: float | None = 15.0  # EDS: how long the first config waits (None: ever)
+    original_dst_header: bytes | None = None  # ORIGINAL_DST: the header naming the destination
+    cleanup_interval: float = 5.0  # ORIGINAL_DST: how often unused hosts are dropped
+    source_address: str | None = None  # upstream_bind_config: the local address to bind
 
 
 def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False) -> ClusterConfig:
@@ -165,6 +174,18 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
         problems.add(join(path, "type"), f"{name} is not supported (supported: {supported}{hint})")
     if discovery != "EDS" and proto.HasField("eds_cluster_config"):
         problems.add(join(path, "eds_cluster_config"), "is only allowed with type: EDS")
+    original_dst: list[bytes | None] = [None]
+    if discovery == "ORIGINAL_DST":
+        attempt(lambda: original_dst.__setitem__(0, _compile_original_dst(proto, path)))
+    else:
+        for name in ("original_dst_lb_config", "cleanup_interval"):
+            if proto.HasField(name):
+                problems.add(join(path, name), "is only allowed with type: ORIGINAL_DST")
+        if proto.lb_policy == cluster_pb2.Cluster.CLUSTER_PROVIDED:
+            problems.add(join(path, "lb_policy"), "CLUSTER_PROVIDED needs type: ORIGINAL_DST")
+    source: list[str | None] = [None]
+    if proto.HasField("upstream_bind_config"):
+        attempt(lambda: source.__setitem__(0, _compile_bind_config(proto, path)))
     lb: list[LbConfig] = []
     attempt(lambda: lb.append(compile_lb_config(proto, path)))
     outlier: list[OutlierConfig | None] = [None]
@@ -184,11 +205,12 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
 
         attempt(_health)
     endpoints: list[EndpointConfig] = []
-    if discovery == "EDS":
-        if proto.HasField("load_assignment"):
+    if discovery in ("EDS", "ORIGINAL_DST"):
+        if proto.HasField("load_assignment") and proto.load_assignment.endpoints:
             problems.add(
                 join(path, "load_assignment"),
-                "is not allowed with type: EDS (its endpoints come by EDS)",
+                f"is not allowed with type: {discovery} (its endpoints come "
+                + ("by EDS)" if discovery == "EDS" else "from each request)"),
             )
     else:
         load_assignment = proto.load_assignment
@@ -235,7 +257,46 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
         dns_preferred=_FAMILIES[proto.dns_lookup_family][1],
         eds_service_name=(service_name or proto.name) if discovery == "EDS" else "",
         eds_fetch_timeout=fetch_timeout,
+        original_dst_header=original_dst[0],
+        cleanup_interval=duration_field(proto, "cleanup_interval", 5.0) or 5.0,
+        source_address=source[0],
     )
+
+
+def _compile_original_dst(proto: cluster_pb2.Cluster, path: str) -> bytes | None:
+    """ORIGINAL_DST's options: the header naming the destination, if the cluster reads one.
+    Envoy requires CLUSTER_PROVIDED balancing with this type; so does meshlet."""
+    if proto.lb_policy != cluster_pb2.Cluster.CLUSTER_PROVIDED:
+        name = cluster_pb2.Cluster.LbPolicy.Name(proto.lb_policy)
+        raise ConfigError.at(
+            join(path, "lb_policy"), f"must be CLUSTER_PROVIDED with type: ORIGINAL_DST, not {name}"
+        )
+    if not proto.HasField("original_dst_lb_config"):
+        return None
+    lb_path = join(path, "original_dst_lb_config")
+    config = proto.original_dst_lb_config
+    check_fields(config, lb_path, {"use_http_header", "http_header_name"})
+    if not config.use_http_header:
+        return None
+    return (config.http_header_name or ORIGINAL_DST_HEADER.decode()).lower().encode()
+
+
+def _compile_bind_config(proto: cluster_pb2.Cluster, path: str) -> str:
+    """``upstream_bind_config``: the local address upstream connections are made from."""
+    bind_path = join(path, "upstream_bind_config")
+    bind = proto.upstream_bind_config
+    check_fields(bind, bind_path, {"source_address"})
+    sa = bind.source_address
+    sa_path = join(bind_path, "source_address")
+    check_fields(sa, sa_path, {"address", "port_value", "protocol"})
+    if sa.port_value != 0:
+        raise ConfigError.at(join(sa_path, "port_value"), "must be 0 (any free port)")
+    try:
+        ipaddress.ip_address(sa.address)
+    except ValueError:
+        message = f"{sa.address!r} is not an IP address"
+        raise ConfigError.at(join(sa_path, "address"), message) from None
+    return str(sa.address)
 
 
 def _compile_eds_config(proto: cluster_pb2.Cluster, path: str) -> tuple[str, float | None]:
@@ -368,7 +429,9 @@ class Cluster:
         self._dns_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._eds_hosts: dict[EndpointConfig, Host] = {}  # EDS: each endpoint's host
-        if config.discovery in ("STATIC", "EDS"):
+        self._original_hosts: dict[tuple[str, int], Host] = {}  # ORIGINAL_DST: hosts in use
+        self._original_seen: dict[Host, int] = {}  # ORIGINAL_DST: rq_total at the last sweep
+        if config.discovery in ("STATIC", "EDS", "ORIGINAL_DST"):
             self._set_hosts(self._hosts_of(config.endpoints))
             self._resolved = True
             if config.health is None:
@@ -385,7 +448,36 @@ class Cluster:
     # -- request path ------------------------------------------------------------------------
 
     def choose(self, ctx: LbContext) -> Host | None:
+        if self.config.discovery == "ORIGINAL_DST":
+            return self._original_host(ctx.original_dst)
         return self.lb.choose(ctx)
+
+    def _original_host(self, destination: tuple[str, int] | None) -> Host | None:
+        """ORIGINAL_DST: the host for where the request was going, made on first use (Envoy
+        adds such hosts to the cluster and drops them after ``cleanup_interval`` unused)."""
+        if destination is None:
+            return None
+        host = self._original_hosts.get(destination)
+        if host is None:
+            host = self._original_hosts[destination] = Host(*destination)
+            self.stats.membership_total = self.stats.membership_healthy = len(self._original_hosts)
+        return host
+
+    def _cleanup_original_hosts(self) -> None:
+        """Drop ORIGINAL_DST hosts that took no request since the last sweep and have none
+        in flight, with their idle connections."""
+        seen = self._original_seen
+        for key, host in list(self._original_hosts.items()):
+            pool = self.pools.get(host)
+            busy = host.rq_active or (pool is not None and (pool.connecting or pool.pending_count))
+            if busy or seen.get(host) != host.rq_total:
+                seen[host] = host.rq_total
+                continue
+            del self._original_hosts[key]
+            del seen[host]
+            if pool is not None:
+                self.pools.pop(host).close_idle()
+        self.stats.membership_total = self.stats.membership_healthy = len(self._original_hosts)
 
     def pool(self, host: Host) -> HostPool:
         pool = self.pools.get(host)
@@ -409,8 +501,17 @@ class Cluster:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.config.discovery not in ("STATIC", "EDS"):
+        if self.config.discovery in ("STRICT_DNS", "LOGICAL_DNS"):
             self._dns_task = loop.create_task(self._resolve_forever())
+        if self.config.discovery == "ORIGINAL_DST":
+            interval = self.config.cleanup_interval
+
+            def cleanup() -> None:
+                if not self.closed:
+                    self._cleanup_original_hosts()
+                    self._timers[:] = [loop.call_later(interval, cleanup)]
+
+            self._timers.append(loop.call_later(interval, cleanup))
         if self.config.outlier is not None:
             self.outlier = OutlierDetector(
                 self.config.outlier, lambda: self.hosts, self.health_changed, self._rng

@@ -86,13 +86,15 @@ class Host:
 class LbContext:
     """What a balancer may consult for one pick.
 
-    ``hash_key`` comes from the route's ``hash_policy`` (None: no policy produced a hash, the
-    hashing balancers then pick at random). ``excluded`` are hosts a retry host predicate
-    (previous_hosts) rejects; a balancer avoids them when it can.
+        ``hash_key`` comes from the route's ``hash_policy`` (None: no policy produced a hash, the
+        hashing balancers then pick at random). ``excluded`` are hosts a retry host predicate
+        (previous_hosts) rejects; a balancer avoids them when it can. ``original_dst`` is the
+    destination an ORIGINAL_DST cluster connects to (None: the request has none).
     """
 
     hash_key: int | None = None
     excluded: frozenset[Host] = field(default_factory=frozenset)
+    original_dst: tuple[str, int] | None = None  # ORIGINAL_DST clusters: where to connect
 
 
 NO_CONTEXT = LbContext()

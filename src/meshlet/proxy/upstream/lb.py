@@ -57,6 +57,7 @@ class Policy(enum.StrEnum):
     RANDOM = "RANDOM"
     RING_HASH = "RING_HASH"
     MAGLEV = "MAGLEV"
+    CLUSTER_PROVIDED = "CLUSTER_PROVIDED"  # ORIGINAL_DST: the cluster picks the host itself
 
 
 _POLICIES = {
@@ -65,6 +66,7 @@ _POLICIES = {
     cluster_pb2.Cluster.RANDOM: Policy.RANDOM,
     cluster_pb2.Cluster.RING_HASH: Policy.RING_HASH,
     cluster_pb2.Cluster.MAGLEV: Policy.MAGLEV,
+    cluster_pb2.Cluster.CLUSTER_PROVIDED: Policy.CLUSTER_PROVIDED,
 }
 
 

@@ -387,8 +387,14 @@ class HostPool:
         reason: Reset | None = None
         conn: UpstreamConnection | None = None
         try:
+            source = cluster.config.source_address
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), host.address, host.port),
+                loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    host.address,
+                    host.port,
+                    local_addr=(source, 0) if source is not None else None,
+                ),
                 cluster.config.connect_timeout,
             )
             conn = proto

@@ -1,0 +1,1 @@
+"""The embedded runtime: Kubernetes-shaped workloads run as local processes (``meshlet up``)."""

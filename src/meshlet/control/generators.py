@@ -13,6 +13,9 @@ Rules kept:
   out, never allowed to stop the others from being served.
 * One snapshot serves every proxy until the next push: a proxy's resources of one type are
   translated once per snapshot and proxy shape (``Proxy.key``), and shared by proxies alike.
+* A proxyless gRPC client (node metadata ``GENERATOR: grpc``) gets ``translate.grpc``'s
+  resources, built for the names it subscribed to (its listener names are the targets it
+  dials), and cached per snapshot, client shape and names.
 * Every change may affect every proxy (``affects`` is always True): a needless push of
   unchanged resources is dropped by the connection (same content digest), so it costs little.
 """
@@ -33,6 +36,10 @@ from meshlet.control.store import Store
 from meshlet.control.translate import (
     build_clusters,
     build_endpoints,
+    build_grpc_clusters,
+    build_grpc_endpoints,
+    build_grpc_listeners,
+    build_grpc_route_configs,
     build_listeners,
     build_route_configs,
 )
@@ -56,6 +63,15 @@ _BUILDERS: Mapping[str, _Builder] = {
     ROUTE_TYPE: build_route_configs,
     CLUSTER_TYPE: build_clusters,
     ENDPOINT_TYPE: build_endpoints,
+}
+
+_NamedBuilder = Callable[[Snapshot, Proxy, Sequence[str] | None], Sequence[message.Message]]
+
+_GRPC_BUILDERS: Mapping[str, _NamedBuilder] = {
+    LISTENER_TYPE: build_grpc_listeners,
+    ROUTE_TYPE: build_grpc_route_configs,
+    CLUSTER_TYPE: build_grpc_clusters,
+    ENDPOINT_TYPE: build_grpc_endpoints,
 }
 
 _CONFIG_TYPES = {
@@ -156,8 +172,16 @@ class Translation:
     def generate(
         self, proxy: ProxyInfo, type_url: str, names: Sequence[str] | None
     ) -> GeneratedResources:
-        builder = _BUILDERS[type_url]
         target = proxy_of(proxy)
+        if proxy.proxyless_grpc:
+            wanted = None if names is None else tuple(names)
+            key: tuple[Any, ...] = ("grpc", type_url, target.key, wanted)
+            resources = self._cache.get(key)
+            if resources is None:
+                built = _GRPC_BUILDERS[type_url](self.snapshot, target, wanted)
+                resources = self._cache[key] = {_name(r): _pack(r) for r in built}
+            return GeneratedResources(version=str(self.revision), resources=resources)
+        builder = _BUILDERS[type_url]
         key = (type_url, target.type, target.key)
         resources = self._cache.get(key)
         if resources is None:

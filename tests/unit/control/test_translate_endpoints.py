@@ -70,7 +70,8 @@ def test_an_endpoint_without_locality_still_gets_a_weighted_group() -> None:
     cla = cluster_load_assignment("c", [endpoint("10.0.0.1")])
     [group] = cla.endpoints
     assert group.load_balancing_weight.value == 1
-    assert not group.HasField("locality")
+    # Present and empty, as Istio sends it (grpcio's xDS client refuses a group without it).
+    assert group.HasField("locality") and group.locality.region == ""
 
 
 def service(hostname: str = "svc.default.svc.cluster.local") -> Service:

@@ -10,6 +10,9 @@ Each module is one xDS type, a pure function of ``(snapshot, proxy)``:
   ``"<port>"`` route configurations (and ``http_proxy``, ``http.<port>``, the inbound one).
 * ``listeners`` -- LDS: the sidecar's ``virtualOutbound`` (15001, explicit HTTP proxy) and
   ``virtualInbound`` (15006), or a gateway's ``0.0.0.0_<port>``, with inline routes.
+* ``grpc`` -- all four types for proxyless gRPC clients (istiod's ``grpcgen``), by requested
+  name: ``<host>:<port>`` API listeners over RDS, built on the sidecar's routes and
+  endpoints.
 
 ``snapshot.view(proxy)`` is computed once per proxy and shared by the four, so building a
 proxy's whole configuration reads the mesh once. Nothing here does I/O. The snapshot and its
@@ -28,6 +31,12 @@ from envoy.config.route.v3 import route_pb2
 from meshlet.control.snapshot import Proxy, Snapshot
 from meshlet.control.translate.clusters import build_clusters
 from meshlet.control.translate.endpoints import build_endpoints
+from meshlet.control.translate.grpc import (
+    build_grpc_clusters,
+    build_grpc_endpoints,
+    build_grpc_listeners,
+    build_grpc_route_configs,
+)
 from meshlet.control.translate.listeners import build_listeners
 from meshlet.control.translate.routes import build_route_configs
 
@@ -72,6 +81,10 @@ __all__ = [
     "build_all",
     "build_clusters",
     "build_endpoints",
+    "build_grpc_clusters",
+    "build_grpc_endpoints",
+    "build_grpc_listeners",
+    "build_grpc_route_configs",
     "build_listeners",
     "build_route_configs",
 ]

@@ -38,8 +38,12 @@ def build_endpoints(snapshot: Snapshot, proxy: Proxy) -> list[endpoint_pb2.Clust
     return [load_assignment(c, view) for c in view.outbound_clusters() if c.uses_eds]
 
 
-def load_assignment(c: OutboundCluster, view: ProxyView) -> endpoint_pb2.ClusterLoadAssignment:
-    """The assignment of one cluster (EDS, or inline for DNS clusters)."""
+def load_assignment(
+    c: OutboundCluster, view: ProxyView, *, direct: bool = False
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """The assignment of one cluster (EDS, or inline for DNS clusters). ``direct``: every
+    endpoint at its target port, sidecar or not (proxyless gRPC clients speak HTTP/2 to the
+    application itself)."""
     endpoints = view.endpoints(c.service, c.port.port)
     labels = c.labels
     chosen = [e for e in endpoints if e.ready and (labels is None or e.matches(labels))]
@@ -49,6 +53,7 @@ def load_assignment(c: OutboundCluster, view: ProxyView) -> endpoint_pb2.Cluster
         chosen,
         proxy_locality=view.proxy.locality if failover else "",
         cache=view.snapshot.memo,
+        direct=direct,
     )
 
 
@@ -58,6 +63,7 @@ def cluster_load_assignment(
     *,
     proxy_locality: str = "",
     cache: dict[Any, Any] | None = None,
+    direct: bool = False,
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints grouped by locality, weights set on every group and endpoint.
 
@@ -78,6 +84,7 @@ def cluster_load_assignment(
         cache = {}
     for locality in sorted(groups):
         group = cla.endpoints.add()
+        group.locality.SetInParent()  # always present, as Istio sends it (grpcio needs it)
         if locality:
             region, _, rest = locality.partition("/")
             zone, _, sub_zone = rest.partition("/")
@@ -89,21 +96,21 @@ def cluster_load_assignment(
         members = groups[locality]
         protos = []
         for e in members:
-            key = ("lb_endpoint", id(e))
+            key = ("lb_endpoint", id(e), direct)
             proto = cache.get(key)
             if proto is None:
-                proto = cache[key] = _lb_endpoint(e)
+                proto = cache[key] = _lb_endpoint(e, direct)
             protos.append(proto)
         group.lb_endpoints.extend(protos)
         group.load_balancing_weight.value = sum(e.weight or 1 for e in members)
     return cla
 
 
-def _lb_endpoint(e: Endpoint) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(e: Endpoint, direct: bool) -> endpoint_components_pb2.LbEndpoint:
     lbe = endpoint_components_pb2.LbEndpoint(health_status=_HEALTHY)
     sa = lbe.endpoint.address.socket_address
     sa.address = e.address
-    sa.port_value = e.connect_port
+    sa.port_value = e.port if direct else e.connect_port
     lbe.load_balancing_weight.value = e.weight or 1
     if e.workload:
         lbe.metadata.filter_metadata["istio"].update({"workload": _workload(e)})

@@ -32,6 +32,7 @@ from meshlet.control.xds.connection import (
 from meshlet.control.xds.generator import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
+    GRPC_GENERATOR,
     LISTENER_TYPE,
     ROUTE_TYPE,
     SECRET_TYPE,
@@ -67,6 +68,7 @@ __all__ = [
     "ENDPOINT_UPDATE",
     "EVERY_PROXY",
     "GLOBAL_UPDATE",
+    "GRPC_GENERATOR",
     "LISTENER_TYPE",
     "PROXY_UPDATE",
     "ROUTE_TYPE",

@@ -9,9 +9,9 @@ skipped for that one proxy, the stream carries on.
 
 ``ProxyInfo`` is the proxy as its first ``DiscoveryRequest.node`` describes it, with Istio's
 node id (``sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local``, ``router~...`` for
-a gateway) and node metadata (NAMESPACE, SERVICE_ACCOUNT, WORKLOAD_NAME, LABELS, INSTANCE_IPS)
-already parsed. Ids in other forms (a proxyless gRPC client's, a test's) are accepted: the
-parts that cannot be read from them are empty.
+a gateway) and node metadata (NAMESPACE, SERVICE_ACCOUNT, WORKLOAD_NAME, LABELS, INSTANCE_IPS,
+GENERATOR) already parsed. Ids in other forms (a proxyless gRPC client's, a test's) are
+accepted: the parts that cannot be read from them are empty.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+#: Node metadata ``GENERATOR`` of a proxyless gRPC client (Istio's gRPC bootstrap sets it):
+#: it is served istiod's ``grpcgen`` resources, not a sidecar's.
+GRPC_GENERATOR = "grpc"
 
 #: Short names, as istiod and Envoy use them in logs, metrics and ``proxy-status``.
 SHORT_TYPE_NAMES: Mapping[str, str] = MappingProxyType(
@@ -55,7 +59,8 @@ class ProxyInfo:
     """A connected proxy, as its node describes it.
 
     ``kind`` is ``sidecar`` or ``router`` for Istio-style ids, else empty; ``namespace`` comes
-    from the NAMESPACE metadata, else from the id's ``<pod>.<namespace>`` part.
+    from the NAMESPACE metadata, else from the id's ``<pod>.<namespace>`` part; ``generator``
+    is the GENERATOR metadata (``grpc`` for a proxyless gRPC client), else empty.
     """
 
     id: str
@@ -71,6 +76,12 @@ class ProxyInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     instance_ips: tuple[str, ...] = ()
     user_agent: str = ""
+    generator: str = ""
+
+    @property
+    def proxyless_grpc(self) -> bool:
+        """A grpcio (or grpc-go, grpc-java) xDS client rather than an Envoy-like proxy."""
+        return self.generator == GRPC_GENERATOR
 
     @classmethod
     def from_node(cls, node: Any) -> ProxyInfo:
@@ -109,6 +120,7 @@ class ProxyInfo:
             workload_name=_string(metadata.get("WORKLOAD_NAME")),
             labels=labels,
             instance_ips=ips,
+            generator=_string(metadata.get("GENERATOR")),
         )
 
     def __repr__(self) -> str:

@@ -81,9 +81,7 @@ def pod(name: str, ip: str, labels: dict[str, str]) -> dict[str, object]:
         },
         "spec": {
             "serviceAccountName": labels["app"],
-            "containers": [
-                {"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}
-            ],
+            "containers": [{"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}],
         },
         "status": {
             "phase": "Running",
@@ -179,9 +177,7 @@ def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
         ]
         for node in nodes:
             config = tmp_path / f"{node.pod}.json"
-            config.write_text(
-                json.dumps(proxy_bootstrap(node, f"127.0.0.1:{plane.xds_port}"))
-            )
+            config.write_text(json.dumps(proxy_bootstrap(node, f"127.0.0.1:{plane.xds_port}")))
             proxies.append(
                 subprocess.Popen(
                     meshlet_cmd("proxy", "-c", str(config)),
@@ -228,8 +224,9 @@ def test_requests_cross_both_sidecars_and_follow_weighted_subsets(
 
     apply(mesh, tmp_path, [shift(50, 50)])
     eventually(lambda: via(CLIENT_IP, f"http://web:{APP_PORT}/")[1] == "v2", "v2 appears")
-    seen = Counter(via(CLIENT_IP, f"http://web.default.svc.cluster.local:{APP_PORT}/")[1]
-                   for _ in range(200))
+    seen = Counter(
+        via(CLIENT_IP, f"http://web.default.svc.cluster.local:{APP_PORT}/")[1] for _ in range(200)
+    )
     # 200 draws at p = 0.5: outside 70..130 has probability below 1e-5.
     assert set(seen) == {"v1", "v2"}
     assert 70 <= seen["v1"] <= 130, seen

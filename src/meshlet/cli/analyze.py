@@ -17,21 +17,16 @@ from meshlet.errors import ConfigError
 
 
 def register(commands: Any) -> None:
+    from meshlet.cli.config import files_option
+
     p: argparse.ArgumentParser = commands.add_parser(
         "analyze",
+        parents=[files_option()],
         help="check configuration files offline",
         description=(
             "Validate the files and analyse them together: destination hosts, subsets and"
             " gateways that exist nowhere, conflicting VirtualServices, unserved hosts."
         ),
-    )
-    p.add_argument(
-        "-f",
-        "--filename",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="a file, a directory (recursively) or - for standard input; may repeat",
     )
     p.set_defaults(run=run)
 

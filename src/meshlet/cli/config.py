@@ -97,13 +97,19 @@ def _client(args: argparse.Namespace) -> ControlClient:
 # -- registration -------------------------------------------------------------------------------
 
 
-def register(commands: Any) -> None:
+def server_option() -> argparse.ArgumentParser:
+    """A parent parser with ``--server URL``."""
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument(
         "--server",
         metavar="URL",
         help=f"the control plane's API (default ${SERVER_ENV}, else {DEFAULT_SERVER})",
     )
+    return server
+
+
+def files_option() -> argparse.ArgumentParser:
+    """A parent parser with ``-f PATH`` (repeatable, required)."""
     files = argparse.ArgumentParser(add_help=False)
     files.add_argument(
         "-f",
@@ -113,6 +119,12 @@ def register(commands: Any) -> None:
         metavar="PATH",
         help="a file, a directory (recursively) or - for standard input; may repeat",
     )
+    return files
+
+
+def register(commands: Any) -> None:
+    server = server_option()
+    files = files_option()
 
     p = commands.add_parser(
         "apply",

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 import meshlet
-from meshlet.cli import analyze, config, control, debug, proxy
+from meshlet.cli import analyze, config, control, debug, mesh, proxy
 from meshlet.errors import ConfigError, MeshletError
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.register(commands)
     debug.register(commands)
     analyze.register(commands)
+    mesh.register(commands)
     return parser
 
 

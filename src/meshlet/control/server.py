@@ -26,7 +26,7 @@ from typing import TextIO
 import uvloop
 
 from meshlet.control.api import DEFAULT_ADDRESS as DEFAULT_API_ADDRESS
-from meshlet.control.api import ApiHandler, ApiServer
+from meshlet.control.api import ApiHandler, ApiServer, Response
 from meshlet.control.generators import Translation
 from meshlet.control.store import DEFAULT_STATE_DIR, Event, Store
 from meshlet.control.xds import (
@@ -59,9 +59,16 @@ def push_request(events: list[Event]) -> PushRequest:
 class ControlPlane:
     """The running control plane: store, translation, ADS server and API."""
 
-    def __init__(self, options: ControlOptions, out: TextIO = sys.stdout) -> None:
+    def __init__(
+        self,
+        options: ControlOptions,
+        out: TextIO = sys.stdout,
+        *,
+        routes: dict[str, Callable[[str, bytes], Response]] | None = None,
+    ) -> None:
         self.options = options
         self.out = out
+        self.routes = dict(routes or {})  # more API routes ("METHOD /path"), the runtime's
         self.store: Store | None = None
         self.translation: Translation | None = None
         self.ads: AdsServer | None = None
@@ -91,6 +98,7 @@ class ControlPlane:
                 metrics=ads.metrics_text,
                 sync_status=lambda: [s.as_dict() for s in ads.sync_status()],
                 config_dump=translation.config_dump,
+                routes=dict(self.routes),
             )
             api = self.api = ApiServer(handler, self.options.api_address)
             await api.start()

@@ -447,7 +447,8 @@ def parse_cluster_name(name: str) -> tuple[str, int, str, str] | None:
 def resolve_host(host: str, namespace: str, domain_suffix: str = DEFAULT_DOMAIN_SUFFIX) -> str:
     """Istio's ``ResolveShortnameToFQDN``: a name without a dot is a Kubernetes service in
     ``namespace``; ``*``, IP addresses and names with a dot stay as written."""
-    if not host or host == "*" or "." in host or _is_ip(host):
+    # Only an IPv6 address has no dot; ``ip_address`` raising for every short name is slow.
+    if not host or host == "*" or "." in host or (":" in host and _is_ip(host)):
         return host
     return f"{host}.{namespace}.svc.{domain_suffix}"
 
@@ -524,17 +525,30 @@ class Snapshot:
         self.sidecars = tuple(sorted(sidecars, key=lambda s: (s.creation, s.name)))
         self.gateways = tuple(sorted(gateways, key=lambda g: (g.creation, g.name, g.namespace)))
         self._by_host: dict[str, list[Service]] = {}
-        for s in self.services:
+        self._order: dict[int, int] = {}
+        for i, s in enumerate(self.services):
             self._by_host.setdefault(s.hostname, []).append(s)
+            self._order[id(s)] = i
         self._vs_by_gateway: dict[str, list[VirtualServiceConfig]] = {}
+        # By gateway and exact host, plus those with a wildcard host: a Sidecar listing a few
+        # hosts looks its VirtualServices up instead of scanning them all.
+        self._vs_by_host: dict[tuple[str, str], list[VirtualServiceConfig]] = {}
+        self._vs_wildcard: dict[str, list[VirtualServiceConfig]] = {}
         for vs in self.virtual_services:
+            wildcard = any("*" in h for h in vs.hosts)
             for gw in vs.gateways:
                 self._vs_by_gateway.setdefault(gw, []).append(vs)
+                if wildcard:
+                    self._vs_wildcard.setdefault(gw, []).append(vs)
+                else:
+                    for h in vs.hosts:
+                        self._vs_by_host.setdefault((gw, h), []).append(vs)
         self._rules: dict[str, _HostRules] = _index_rules(destination_rules)
         self._sidecars_by_ns: dict[str, list[SidecarConfig]] = {}
         for sc in self.sidecars:
             self._sidecars_by_ns.setdefault(sc.namespace, []).append(sc)
-        self._instances: dict[str, list[ServiceInstance]] | None = None
+        self._instances: dict[str, list[tuple[Service, ServicePort, Endpoint]]] | None = None
+        self._instances_at: dict[str, tuple[ServiceInstance, ...]] = {}
         self._endpoint_cache: dict[tuple[int, int], Sequence[Endpoint]] = {}
         self._views: dict[tuple[Any, ...], ProxyView] = {}
         # Translation results that do not depend on the proxy (an endpoint's proto, say),
@@ -623,8 +637,22 @@ class Snapshot:
     def services_for_host(self, hostname: str) -> Sequence[Service]:
         return self._by_host.get(hostname, ())
 
+    def service_order(self, service: Service) -> int:
+        """Where ``service`` stands in the registry's order (oldest first)."""
+        return self._order[id(service)]
+
     def virtual_services_for_gateway(self, gateway: str) -> Sequence[VirtualServiceConfig]:
         return self._vs_by_gateway.get(gateway, ())
+
+    def virtual_services_for_hosts(
+        self, gateway: str, hosts: Iterable[str]
+    ) -> list[VirtualServiceConfig]:
+        """The VirtualServices of ``gateway`` with one of the exact ``hosts``, and those with
+        a wildcard host (which may cover any of them); in no particular order."""
+        found = list(self._vs_wildcard.get(gateway, ()))
+        for h in hosts:
+            found.extend(self._vs_by_host.get((gateway, h), ()))
+        return found
 
     def endpoints(self, service: Service, port: int) -> Sequence[Endpoint]:
         key = (id(service), port)
@@ -635,16 +663,23 @@ class Snapshot:
 
     def instances(self, address: str) -> Sequence[ServiceInstance]:
         """Service ports whose endpoints are at ``address`` (a proxy's own workload)."""
+        found = self._instances_at.get(address)
+        if found is not None:
+            return found
         if self._instances is None:
-            index: dict[str, list[ServiceInstance]] = {}
+            # Plain tuples: the index covers every endpoint of the mesh, but only the few
+            # proxies' own addresses ever become ``ServiceInstance`` values.
+            index: dict[str, list[tuple[Service, ServicePort, Endpoint]]] = {}
             for service in self.services:
                 for port in service.ports:
                     for ep in self.endpoints(service, port.port):
-                        index.setdefault(ep.address, []).append(
-                            ServiceInstance(service=service, port=port, endpoint=ep)
-                        )
+                        index.setdefault(ep.address, []).append((service, port, ep))
             self._instances = index
-        return self._instances.get(address, ())
+        found = self._instances_at[address] = tuple(
+            ServiceInstance(service=service, port=port, endpoint=ep)
+            for service, port, ep in self._instances.get(address, ())
+        )
+        return found
 
     def sidecar_for(self, proxy: Proxy) -> SidecarConfig | None:
         """The Sidecar in effect for ``proxy`` (None: the mesh default, ``*/*``)."""
@@ -1155,10 +1190,23 @@ class ProxyView:
             return True
         return any(e.covers(namespace, host) for e in self._wild_egress)
 
+    def _exact_egress_only(self) -> bool:
+        """A Sidecar whose egress names hosts one by one, without wildcards."""
+        return self.egress is not _EVERYTHING and all(e.namespace == "~" for e in self._wild_egress)
+
     def _visible_services(self) -> dict[str, Service]:
         namespace = self.proxy.namespace
         chosen: dict[str, Service] = {}
-        for service in self.snapshot.services:
+        candidates: Iterable[Service] = self.snapshot.services
+        if self._exact_egress_only():
+            # Only exact hosts: look them up (in the registry's order, which ``_preferred``
+            # relies on) instead of scanning every service of the mesh.
+            hosts = sorted({host for _, host in self._exact_egress})
+            candidates = sorted(
+                (s for h in hosts for s in self.snapshot.services_for_host(h)),
+                key=self.snapshot.service_order,
+            )
+        for service in candidates:
             if not service.visible_to(namespace):
                 continue
             if not self._allowed(service.namespace, service.hostname):
@@ -1172,8 +1220,15 @@ class ProxyView:
         namespace = self.proxy.namespace
         seen: set[int] = set()
         found: list[tuple[int, VirtualServiceConfig]] = []
+        exact_only = self.proxy.type is ProxyType.SIDECAR and self._exact_egress_only()
+        hosts = sorted({host for _, host in self._exact_egress})
         for gateway in sorted(self.gateway_names):
-            for vs in self.snapshot.virtual_services_for_gateway(gateway):
+            candidates: Iterable[VirtualServiceConfig]
+            if exact_only:
+                candidates = self.snapshot.virtual_services_for_hosts(gateway, hosts)
+            else:
+                candidates = self.snapshot.virtual_services_for_gateway(gateway)
+            for vs in candidates:
                 if id(vs) in seen:
                     continue
                 seen.add(id(vs))
@@ -1191,7 +1246,20 @@ class ProxyView:
         """A Sidecar's egress hosts leave out every host of ``vs``."""
         if self.proxy.type is not ProxyType.SIDECAR or self.egress is _EVERYTHING:
             return False
-        return not any(e.overlaps(vs.namespace, h) for h in vs.hosts for e in self.egress)
+        exact = self._exact_egress
+        namespace = vs.namespace
+        for h in vs.hosts:
+            if "*" in h:
+                if any(e.overlaps(namespace, h) for e in self.egress):
+                    return False
+                continue
+            # Two exact hosts overlap only when equal: a set lookup, not a scan of the
+            # egress list for each of the mesh's VirtualServices.
+            if (namespace, h) in exact or ("*", h) in exact:
+                return False
+            if any(e.overlaps(namespace, h) for e in self._wild_egress):
+                return False
+        return True
 
 
 def _preferred(candidate: Service, current: Service, namespace: str) -> bool:

@@ -227,6 +227,8 @@ def run_delete(args: argparse.Namespace) -> int:
 def run_get(args: argparse.Namespace) -> int:
     from meshlet.api import REGISTRY, UnknownKindError
 
+    if args.kind in ("endpoints", "endpoint", "ep"):
+        return _get_endpoints(args)
     try:
         info = REGISTRY.resolve(args.kind)
     except UnknownKindError as e:
@@ -262,8 +264,145 @@ def run_get(args: argparse.Namespace) -> int:
         print(f"No resources found{where}.", file=sys.stderr)
         return 0
     show_namespace = info.namespaced and namespace is None
-    print(render_table(info, items, wide=args.output == "wide", namespaces=show_namespace))
+    wide = args.output == "wide"
+    if info.kind == "Pod":
+        from meshlet.cli.mesh import pods_table
+
+        print(pods_table(items, all_namespaces=show_namespace, wide=wide))
+        return 0
+    if info.kind == "Deployment":
+        pods = client.request("GET", resource_path(REGISTRY.resolve("pods"), namespace))["items"]
+        print(deployments_table(items, pods, all_namespaces=show_namespace))
+        return 0
+    print(render_table(info, items, wide=wide, namespaces=show_namespace))
     return 0
+
+
+def _get_endpoints(args: argparse.Namespace) -> int:
+    """``get endpoints``: each Service's ready pod addresses (Kubernetes' Endpoints, which
+    meshlet derives from Services and Pods rather than stores)."""
+    from meshlet.api import REGISTRY
+
+    client = _client(args)
+    namespace = None if args.all_namespaces else args.namespace
+    services = client.request("GET", resource_path(REGISTRY.resolve("services"), namespace))
+    pods = client.request("GET", resource_path(REGISTRY.resolve("pods"), namespace))["items"]
+    rows: list[dict[str, Any]] = []
+    for svc in services["items"]:
+        meta = svc.get("metadata") or {}
+        if args.name is not None and meta.get("name") != args.name:
+            continue
+        addresses = endpoint_addresses(svc, pods)
+        rows.append({"metadata": dict(meta), "subsets": [{"addresses": addresses}]})
+    if args.name is not None and not rows:
+        print(f'Error from server (NotFound): endpoints "{args.name}" not found', file=sys.stderr)
+        return 1
+    if args.output in ("json", "yaml"):
+        listed = {"apiVersion": "v1", "kind": "List", "items": rows, "metadata": {}}
+        print(json.dumps(listed, indent=4) if args.output == "json" else yaml.safe_dump(listed))
+        return 0
+    now = datetime.now(UTC)
+    header = ["NAME", "ENDPOINTS", "AGE"]
+    if namespace is None:
+        header.insert(0, "NAMESPACE")
+    found = []
+    for row in rows:
+        meta = row["metadata"]
+        shown = [f"{a['ip']}:{a['port']}" for a in row["subsets"][0]["addresses"]]
+        cells = [
+            str(meta.get("name")),
+            ",".join(shown[:3]) + (f" + {len(shown) - 3} more..." if len(shown) > 3 else "")
+            or "<none>",
+            age(meta.get("creationTimestamp"), now),
+        ]
+        if namespace is None:
+            cells.insert(0, str(meta.get("namespace", "")))
+        found.append(cells)
+    print(table(header, found))
+    return 0
+
+
+def endpoint_addresses(svc: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ready pods a Service selects, at each port's target (named ports resolved)."""
+    spec = svc.get("spec") or {}
+    selector = spec.get("selector") or {}
+    out: list[dict[str, Any]] = []
+    if not selector:
+        return out
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if meta.get("namespace") != (svc.get("metadata") or {}).get("namespace"):
+            continue
+        if any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        status = pod.get("status") or {}
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+        if conditions.get("Ready") != "True" or not status.get("podIP"):
+            continue
+        named = {
+            p.get("name"): p.get("containerPort")
+            for c in (pod.get("spec") or {}).get("containers") or []
+            for p in c.get("ports") or []
+        }
+        for port in spec.get("ports") or []:
+            target = port.get("targetPort", port.get("port"))
+            number = named.get(target) if isinstance(target, str) else target
+            if number:
+                out.append({"ip": status["podIP"], "port": number, "pod": meta.get("name")})
+    return out
+
+
+def deployments_table(
+    deployments: list[dict[str, Any]], pods: list[dict[str, Any]], *, all_namespaces: bool
+) -> str:
+    """kubectl's READY, UP-TO-DATE, AVAILABLE columns, counted from the pods."""
+    now = datetime.now(UTC)
+    header = ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    if all_namespaces:
+        header.insert(0, "NAMESPACE")
+    rows = []
+    for d in deployments:
+        meta = d.get("metadata") or {}
+        replicas = (d.get("spec") or {}).get("replicas")
+        replicas = 1 if replicas is None else int(replicas)
+        mine = [
+            p
+            for p in pods
+            if (p.get("metadata") or {}).get("namespace") == meta.get("namespace")
+            and any(
+                o.get("name") == meta.get("name")
+                for o in (p.get("metadata") or {}).get("ownerReferences") or []
+            )
+        ]
+        ready = sum(
+            1
+            for p in mine
+            if any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (p.get("status") or {}).get("conditions") or []
+            )
+        )
+        cells = [
+            str(meta.get("name")),
+            f"{ready}/{replicas}",
+            str(len(mine)),
+            str(ready),
+            age(meta.get("creationTimestamp"), now),
+        ]
+        if all_namespaces:
+            cells.insert(0, str(meta.get("namespace", "")))
+        rows.append(cells)
+    return table(header, rows)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, three spaces apart (kubectl's look)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
 
 
 def _columns(info: KindInfo, obj: dict[str, Any]) -> list[tuple[str, str]]:
@@ -287,7 +426,11 @@ def _columns(info: KindInfo, obj: dict[str, Any]) -> list[tuple[str, str]]:
         return [("SELECTOR", listed(f"{k}={v}" for k, v in (spec.get("selector") or {}).items()))]
     if info.kind == "Service":
         ports = [f"{p.get('port')}/{p.get('protocol', 'TCP')}" for p in spec.get("ports") or []]
-        return [("PORTS", listed(ports))]
+        return [
+            ("TYPE", str(spec.get("type") or "ClusterIP")),
+            ("PORT(S)", listed(ports)),
+            ("SELECTOR", listed(f"{k}={v}" for k, v in (spec.get("selector") or {}).items())),
+        ]
     return []
 
 

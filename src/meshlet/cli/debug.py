@@ -14,7 +14,7 @@ import sys
 from typing import Any
 from urllib.parse import urlencode
 
-from meshlet.cli.config import DEFAULT_SERVER, SERVER_ENV, ControlClient, ServerError
+from meshlet.cli.config import DEFAULT_SERVER, SERVER_ENV, ControlClient, ServerError, table
 from meshlet.errors import MeshletError
 
 _TYPES = ("cds", "lds", "eds", "rds")
@@ -59,14 +59,6 @@ def _client(args: argparse.Namespace) -> ControlClient:
     return ControlClient(args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
-    ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def status_table(statuses: list[dict[str, Any]]) -> str:
     """istioctl's proxy-status table: NAME, then CDS LDS EDS RDS, then the acked version."""
     rows = []
@@ -75,7 +67,7 @@ def status_table(statuses: list[dict[str, Any]]) -> str:
         states = [str((types.get(t) or {}).get("state", "NOT SENT")) for t in _TYPES]
         versions = {str((v or {}).get("acked_version") or "") for v in types.values()} - {""}
         rows.append([str(s.get("proxy_id", "")), *states, ",".join(sorted(versions)) or "-"])
-    return _table(["NAME", *(t.upper() for t in _TYPES), "VERSION"], rows)
+    return table(["NAME", *(t.upper() for t in _TYPES), "VERSION"], rows)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -180,4 +172,4 @@ def config_table(kind: str, resources: list[dict[str, Any]]) -> str:
                         "socketAddress"
                     ) or {}
                     rows.append([f"{socket.get('address')}:{socket.get('portValue')}", cluster])
-    return _table(header, rows)
+    return table(header, rows)

@@ -30,6 +30,7 @@ from meshlet.cli.config import (
     age,
     files_option,
     server_option,
+    table,
 )
 from meshlet.errors import ConfigError, MeshletError, Problem
 
@@ -56,6 +57,13 @@ def register(commands: Any) -> None:
         default=8080,
         metavar="PORT",
         help="host port of the ingress gateway on 127.0.0.1 (default 8080)",
+    )
+    start.add_argument(
+        "--xds-address",
+        default="127.0.0.1:15010",
+        metavar="HOST:PORT",
+        help="where the control plane serves xDS (default 127.0.0.1:15010); the API is"
+        " at --server's address",
     )
     start.add_argument(
         "--images",
@@ -129,10 +137,10 @@ def register(commands: Any) -> None:
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR")
     p.add_argument("--gateway-port", type=int, default=8080, metavar="PORT")
     p.add_argument("--rate", type=float, default=2.0, metavar="RPS", help="default 2")
+    p.add_argument("--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT")
     p.set_defaults(run=run_demo, images=[])
 
     p = commands.add_parser("mesh-daemon", parents=[start])
-    p.add_argument("--xds-address", default="127.0.0.1:15010")
     p.add_argument("--api-address", default="127.0.0.1:15014")
     p.set_defaults(run=run_daemon)
 
@@ -234,6 +242,10 @@ def _start_daemon(args: argparse.Namespace, client: ControlClient) -> None:
         str(state),
         "--gateway-port",
         str(args.gateway_port),
+        "--xds-address",
+        args.xds_address,
+        "--api-address",
+        client.url.split("://", 1)[-1].rstrip("/"),
     ]
     for image_map in args.images:
         argv += ["--images", str(image_map)]
@@ -422,14 +434,6 @@ def run_down(args: argparse.Namespace) -> int:
 # -- status, get helpers --------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    )
-
-
 def pod_state(pod: dict[str, Any]) -> tuple[str, str, int]:
     """kubectl's READY, STATUS and RESTARTS of a Pod object."""
     status = pod.get("status") or {}
@@ -472,7 +476,7 @@ def pods_table(
         if wide:
             row += [str((pod.get("status") or {}).get("podIP", "<none>")), "meshlet"]
         rows.append(row)
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -18,6 +18,11 @@ Rules kept:
   dials), and cached per snapshot, client shape and names.
 * Every change may affect every proxy (``affects`` is always True): a needless push of
   unchanged resources is dropped by the connection (same content digest), so it costs little.
+* A rebuild costs what changed: objects whose ``resourceVersion`` did not move keep their
+  validated form, the registry is reused when no Service, ServiceEntry, WorkloadEntry or Pod
+  changed, a VirtualService that did not change keeps its prepared form, and when only
+  VirtualServices and Gateways changed, clusters and endpoints already generated are kept
+  (they do not depend on routes).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from google.protobuf import any_pb2, json_format, message
 from meshlet.api import LoadedResource, load_object
 from meshlet.control.registry import ConfigRegistry
 from meshlet.control.snapshot import Proxy, ProxyType, Snapshot
-from meshlet.control.store import Store
+from meshlet.control.store import Event, ExpiredError, ObjectKey, Store
 from meshlet.control.translate import (
     build_clusters,
     build_endpoints,
@@ -106,6 +111,60 @@ def build_snapshot(objects: Iterable[Mapping[str, Any]]) -> Snapshot:
     return Snapshot.build(resources, ConfigRegistry(resources))
 
 
+#: Kinds the registry is built from; any other change leaves it as it was.
+_REGISTRY_KINDS = frozenset({"Service", "ServiceEntry", "WorkloadEntry", "Pod"})
+#: Kinds that change only routes (LDS and RDS); clusters and endpoints stay as generated.
+_ROUTE_ONLY_KINDS = frozenset({"VirtualService", "Gateway"})
+_ROUTE_TYPES = frozenset({LISTENER_TYPE, ROUTE_TYPE})
+
+_Key = tuple[Any, ...]
+
+
+class _Loaded:
+    """Validated objects by store key, with the resourceVersion they were validated at."""
+
+    def __init__(self) -> None:
+        self.objects: dict[ObjectKey, tuple[Any, LoadedResource | None]] = {}
+
+    def resources(self) -> list[LoadedResource]:
+        """In the store's listing order (namespace, name, group, kind), as a full read has."""
+        keys = sorted(self.objects, key=lambda k: (k.namespace, k.name, k.group, k.kind))
+        return [r for k in keys if (r := self.objects[k][1]) is not None]
+
+    def replace(self, objects: Iterable[Mapping[str, Any]]) -> set[str]:
+        """Take the store's whole content; the kinds that changed."""
+        old = self.objects
+        self.objects = {}
+        changed: set[str] = set()
+        for obj in objects:
+            key = ObjectKey.of(obj)
+            version = (obj.get("metadata") or {}).get("resourceVersion")
+            kept = old.get(key)
+            if kept is not None and version is not None and kept[0] == version:
+                self.objects[key] = kept
+            else:
+                self._validate(key, obj)
+                changed.add(key.kind)
+        changed.update(k.kind for k in old.keys() - self.objects.keys())
+        return changed
+
+    def apply(self, events: Iterable[Event]) -> set[str]:
+        """Take the store's changes since the last read; the kinds that changed."""
+        changed: set[str] = set()
+        for event in events:
+            changed.add(event.key.kind)
+            if event.type == "DELETED":
+                self.objects.pop(event.key, None)
+            else:
+                self._validate(event.key, event.object)
+        return changed
+
+    def _validate(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
+        found = load_stored([obj])
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        self.objects[key] = (version, found[0] if found else None)
+
+
 def proxy_of(info: ProxyInfo) -> Proxy:
     """The translation's ``Proxy`` for an ADS stream's node. Ids not in Istio's form (a test's,
     a proxyless client's) are read as a sidecar in the node's NAMESPACE (else ``default``)."""
@@ -147,6 +206,9 @@ class Translation:
         self.revision = -1
         self.snapshot = build_snapshot(())
         self._cache: dict[tuple[Any, ...], dict[str, any_pb2.Any]] = {}
+        self._loaded = _Loaded()
+        self._registry = ConfigRegistry(())
+        self._memo: dict[Any, Any] = {}
         self.refresh()
 
     def __repr__(self) -> str:
@@ -160,12 +222,32 @@ class Translation:
                 return False
             # Read the objects first: a write landing meanwhile has a newer revision and
             # triggers another push, so the snapshot is never labelled newer than its data.
-            objects = self.store.list()
-            self.snapshot = build_snapshot(objects)
+            changed = self._read_changes()
+            resources = self._loaded.resources()
+            if changed & _REGISTRY_KINDS:
+                self._registry = ConfigRegistry(resources)
+            memo = self._memo
+            self._memo = {}  # only what this build uses is kept for the next one
+            self.snapshot = Snapshot.build(resources, self._registry, memo=_Carry(memo, self._memo))
             self.revision = revision
-            self._cache = {}
+            if changed <= _ROUTE_ONLY_KINDS:
+                self._cache = {
+                    k: v for k, v in self._cache.items() if _type_of(k) not in _ROUTE_TYPES
+                }
+            else:
+                self._cache = {}
         log.info("snapshot at revision %d: %r", revision, self.snapshot)
         return True
+
+    def _read_changes(self) -> set[str]:
+        """Bring the validated objects up to the store; the kinds that changed. Reads only
+        the changes since the last snapshot while the store's history still has them."""
+        if self.revision >= 0:
+            try:
+                return self._loaded.apply(self.store.history(self.revision))
+            except ExpiredError:
+                pass
+        return self._loaded.replace(self.store.list())
 
     # -- Generator --------------------------------------------------------------------------
 
@@ -182,7 +264,7 @@ class Translation:
                 resources = self._cache[key] = {_name(r): _pack(r) for r in built}
             return GeneratedResources(version=str(self.revision), resources=resources)
         builder = _BUILDERS[type_url]
-        key = (type_url, target.type, target.key)
+        key = self._key(type_url, target)
         resources = self._cache.get(key)
         if resources is None:
             resources = {_name(r): _pack(r) for r in builder(self.snapshot, target)}
@@ -190,6 +272,16 @@ class Translation:
         if names is not None:
             resources = {n: resources[n] for n in names if n in resources}
         return GeneratedResources(version=str(self.revision), resources=resources)
+
+    def _key(self, type_url: str, proxy: Proxy) -> tuple[Any, ...]:
+        """What a proxy's resources of one type depend on. Endpoints depend only on which
+        services it sees (its type, namespace and Sidecar) and its locality (failover), so
+        the proxies of one scope share them; other types are the proxy's own."""
+        if type_url == ENDPOINT_TYPE:
+            sidecar = self.snapshot.sidecar_for(proxy)
+            scope = None if sidecar is None else (sidecar.namespace, sidecar.name)
+            return (type_url, proxy.type, proxy.namespace, scope, proxy.locality)
+        return (type_url, proxy.type, proxy.key)
 
     def generators(self) -> dict[str, Translation]:
         """Type URL -> generator, as ``AdsServer`` takes them."""
@@ -217,3 +309,29 @@ class Translation:
 
     def affects(self, proxy: ProxyInfo, request: PushRequest) -> bool:
         return True
+
+
+def _type_of(key: tuple[Any, ...]) -> Any:
+    """The type URL in a cache key (``(type, ...)`` or ``("grpc", type, ...)``)."""
+    return key[1] if key[0] == "grpc" else key[0]
+
+
+class _Carry(dict[Any, Any]):
+    """A memo that reads from the last build's and records what this build used, so that
+    entries of deleted objects are dropped after one build."""
+
+    def __init__(self, previous: dict[Any, Any], current: dict[Any, Any]) -> None:
+        super().__init__()
+        self.previous = previous
+        self.current = current
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        value = self.current.get(key)
+        if value is None:
+            value = self.previous.get(key)
+            if value is not None:
+                self.current[key] = value
+        return default if value is None else value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.current[key] = value

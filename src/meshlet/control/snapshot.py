@@ -567,8 +567,13 @@ class Snapshot:
         resources: Iterable[LoadedResource | Resource],
         registry: Registry,
         mesh: MeshConfig = DEFAULT_MESH,
+        *,
+        memo: dict[Any, Any] | None = None,
     ) -> Snapshot:
-        """Index the Istio resources among ``resources`` (other kinds are passed over)."""
+        """Index the Istio resources among ``resources`` (other kinds are passed over).
+
+        ``memo``, kept by the caller from one build to the next, reuses the prepared form of
+        a VirtualService that is the same object as last time and delegates nothing."""
         domain = mesh.domain_suffix
         hosted: list[tuple[VirtualService, str]] = []
         delegates: dict[tuple[str, str], tuple[VirtualService, str]] = {}
@@ -621,7 +626,7 @@ class Snapshot:
                 )
         rules.sort(key=lambda r: (r.creation, r.name, r.namespace))
         virtual_services = [
-            _virtual_service(vs, namespace, delegates, domain) for vs, namespace in hosted
+            _prepared(vs, namespace, delegates, domain, memo) for vs, namespace in hosted
         ]
         return cls(
             mesh=mesh,
@@ -814,6 +819,24 @@ def _unwrap(item: LoadedResource | Resource) -> tuple[Resource, str]:
 
 
 # -- VirtualService preparation ------------------------------------------------------------------
+
+
+def _prepared(
+    vs: VirtualService,
+    namespace: str,
+    delegates: Mapping[tuple[str, str], tuple[VirtualService, str]],
+    domain: str,
+    memo: dict[Any, Any] | None,
+) -> VirtualServiceConfig:
+    if memo is None or any(rule.delegate is not None for rule in vs.spec.http):
+        return _virtual_service(vs, namespace, delegates, domain)
+    key = ("virtual_service", id(vs), namespace, domain)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is vs:  # the object itself is kept, so its id is not reused
+        return hit[1]  # type: ignore[no-any-return]
+    config = _virtual_service(vs, namespace, delegates, domain)
+    memo[key] = (vs, config)
+    return config
 
 
 def _virtual_service(

@@ -38,6 +38,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -236,11 +237,38 @@ def sidecar_virtual_hosts(view: ProxyView) -> list[VirtualHostPlan]:
     """Every outbound virtual host of a sidecar, all ports, in Istio's precedence order:
     VirtualServices' (in order; the first to claim ``<host>:<port>`` keeps it), then the
     default ones of services without a VirtualService (``BuildSidecarVirtualHostWrapper``).
-    Computed once per view."""
+    Computed once per view, and shared by the views of one snapshot that would compute the
+    same: same proxy type, namespace, DNS domain, Sidecar and gateways -- and same labels when
+    a visible rule matches on ``sourceLabels``. (Nothing else of the proxy enters them.)"""
     found = view.memo.get("sidecar_virtual_hosts")
     if found is None:
-        found = view.memo["sidecar_virtual_hosts"] = _sidecar_virtual_hosts(view)
+        key = _virtual_hosts_key(view)
+        found = view.snapshot.memo.get(key)
+        if found is None:
+            found = view.snapshot.memo[key] = _sidecar_virtual_hosts(view)
+        view.memo["sidecar_virtual_hosts"] = found
     return list(found)
+
+
+def _virtual_hosts_key(view: ProxyView) -> tuple[Any, ...]:
+    proxy = view.proxy
+    by_labels = any(
+        match.source_labels
+        for vs in view.virtual_services
+        for rule in vs.http
+        for match in rule.match
+    )
+    sidecar = view.sidecar
+    return (
+        "sidecar_virtual_hosts",
+        proxy.type,
+        proxy.namespace,
+        proxy.domain,
+        None if sidecar is None else (sidecar.namespace, sidecar.name),
+        view.gateway_names,
+        view.outbound_policy,
+        tuple(sorted(proxy.labels.items())) if by_labels else None,
+    )
 
 
 def _sidecar_virtual_hosts(view: ProxyView) -> list[VirtualHostPlan]:

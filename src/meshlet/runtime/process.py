@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from meshlet.errors import MeshletError
+
+#: util-linux's setpriv (Essential on Debian): sets the parent-death signal, then execs.
+_SETPRIV = shutil.which("setpriv")
 
 
 class ProcessStartError(MeshletError):
@@ -95,6 +99,11 @@ class Process:
             raise RuntimeError(f"process {self.spec.name!r} is already running")
         spec = self.spec
         argv = list(spec.argv)
+        path = spec.env.get("PATH", os.defpath)
+        if _SETPRIV is not None and shutil.which(argv[0], path=path) is not None:
+            # If the runtime itself dies (even by SIGKILL), the kernel kills what it started.
+            # (A program that cannot be found is spawned as it is, to fail as it should.)
+            argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         # Blocking file I/O, but a few bytes once per start.
         try:
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)

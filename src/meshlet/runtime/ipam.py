@@ -16,10 +16,11 @@ Rules kept:
 * With ``state_path`` the cursor survives restarts of ``meshlet up``: it is the last address
   handed out, one line of text, written atomically on each allocation.
 
-Not done: the allocator does not check whether something already listens on an address it
-hands out. Addresses outside 127.0.0.0/24 are rarely used by anything else; a pod whose
-bind fails with EADDRINUSE crashes, and its restart keeps the same IP (a restart is not a
-re-creation), so the user sees the error in the pod's log.
+Not done here: the allocator does not check whether something already listens on an
+address it hands out (``Runtime`` skips addresses whose sidecar admin port is taken, as
+another mesh's pods would hold it). Addresses outside 127.0.0.0/24 are rarely used by
+anything else; a pod whose bind fails with EADDRINUSE crashes, and its restart keeps the
+same IP (a restart is not a re-creation), so the user sees the error in the pod's log.
 """
 
 from __future__ import annotations

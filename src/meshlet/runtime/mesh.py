@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +73,18 @@ GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 GATEWAY_TARGET_PORT = 8080  # the port Istio's ingress gateway serves HTTP on
 PROPAGATION_DELAY = 1.0  # seconds between a pod leaving the endpoints and its SIGTERM
 SIDECAR_PROBE_PERIOD = 0.5
+
+
+def _nothing_listens(ip: str, port: int) -> bool:
+    """Whether ``ip:port`` can be bound (SO_REUSEADDR: connections of a pod that is gone,
+    in TIME_WAIT, do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((ip, port))
+        except OSError as e:
+            return e.errno != errno.EADDRINUSE
+    return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -265,7 +279,7 @@ class Runtime:
         account = str(
             pod_spec.get("serviceAccountName") or pod_spec.get("serviceAccount") or "default"
         )
-        ip = self.ipam.allocate()
+        ip = self._allocate_ip()
         try:
             identity = PodIdentity(
                 name=name, namespace=namespace, ip=ip, service_account=account, labels=labels
@@ -408,6 +422,26 @@ class Runtime:
         )
         return ContainerSpec(name=SIDECAR_NAME, process=process, readiness=readiness)
 
+    def _allocate_ip(self) -> str:
+        """The next pod IP on which nothing listens yet.
+
+        Another mesh on this machine (its own state directory, so its own cursor) hands out
+        the same addresses; a pod given one of its IPs could not bind its ports. An address
+        whose sidecar admin port is taken is skipped (and released: the cursor has moved past
+        it). Two meshes starting at the same instant can still race for an address.
+        """
+        skipped: list[str] = []
+        try:
+            while True:
+                ip = self.ipam.allocate()
+                if _nothing_listens(ip, ADMIN_PORT):
+                    return ip
+                log.info("pod IP %s is in use by another process; skipping it", ip)
+                skipped.append(ip)
+        finally:
+            for ip in skipped:
+                self.ipam.release(ip)
+
     # -- pods in the store -----------------------------------------------------------------
 
     def _status_changed(self, pod: RunningPod) -> None:
@@ -460,7 +494,7 @@ class Runtime:
     async def _start_gateway(self) -> None:
         hash_ = template_hash({"gateway": GATEWAY_LABELS})
         name = pod_name(GATEWAY_NAME, hash_)
-        ip = self.ipam.allocate()
+        ip = self._allocate_ip()
         labels = {**GATEWAY_LABELS, TEMPLATE_HASH_LABEL: hash_}
         node = ProxyNode(
             pod=name,

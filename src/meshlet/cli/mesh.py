@@ -256,7 +256,9 @@ def _start_daemon(args: argparse.Namespace, client: ControlClient) -> None:
             stdout=log,
             stderr=log,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # The daemon forks pods while gRPC's threads run; its processes exec at once, so
+            # gRPC's fork handlers have nothing to protect (and log a warning per fork).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_ENABLE_FORK_SUPPORT": "0"},
         )
     print(f"starting the control plane (log: {log_path})", flush=True)
     deadline = time.monotonic() + 30

@@ -354,9 +354,20 @@ class Runtime:
         if owner:
             self.pods[(namespace, name)] = pod
         self._write(pod)
-        await runner.start()
-        log.info("pod %s/%s started on %s", namespace, name, ip)
+        # Started in the background: a pod slow to spawn must not hold up the others (nor the
+        # reconcile loop, which goes on creating pods while this one starts).
+        task = asyncio.get_running_loop().create_task(self._start(pod), name=f"start {name}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return pod
+
+    async def _start(self, pod: RunningPod) -> None:
+        try:
+            await pod.runner.start()
+        except Exception:
+            log.exception("pod %s/%s failed to start", pod.namespace, pod.name)
+            return
+        log.info("pod %s/%s started on %s", pod.namespace, pod.name, pod.ip)
 
     def _container(
         self,

@@ -27,6 +27,7 @@ Rules kept:
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -111,6 +112,8 @@ def build_snapshot(objects: Iterable[Mapping[str, Any]]) -> Snapshot:
     return Snapshot.build(resources, ConfigRegistry(resources))
 
 
+#: A refresh that validated this many objects freezes the heap (see ``refresh``).
+FREEZE_AFTER = 1000
 #: Kinds the registry is built from; any other change leaves it as it was.
 _REGISTRY_KINDS = frozenset({"Service", "ServiceEntry", "WorkloadEntry", "Pod"})
 #: Kinds that change only routes (LDS and RDS); clusters and endpoints stay as generated.
@@ -125,6 +128,7 @@ class _Loaded:
 
     def __init__(self) -> None:
         self.objects: dict[ObjectKey, tuple[Any, LoadedResource | None]] = {}
+        self.validated = 0  # objects validated so far
 
     def resources(self) -> list[LoadedResource]:
         """In the store's listing order (namespace, name, group, kind), as a full read has."""
@@ -160,6 +164,7 @@ class _Loaded:
         return changed
 
     def _validate(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
+        self.validated += 1
         found = load_stored([obj])
         version = (obj.get("metadata") or {}).get("resourceVersion")
         self.objects[key] = (version, found[0] if found else None)
@@ -222,7 +227,15 @@ class Translation:
                 return False
             # Read the objects first: a write landing meanwhile has a newer revision and
             # triggers another push, so the snapshot is never labelled newer than its data.
+            before = self._loaded.validated
             changed = self._read_changes()
+            if self._loaded.validated - before >= FREEZE_AFTER:
+                # Many objects were just validated: they live until they change. Move them out
+                # of the collector's sight (after a collection, so that no garbage is frozen),
+                # so that full collections -- 150 ms for a 1,000-service mesh -- no longer
+                # land in the middle of pushes. Snapshots stay unfrozen: they are replaced.
+                gc.collect()
+                gc.freeze()
             resources = self._loaded.resources()
             if changed & _REGISTRY_KINDS:
                 self._registry = ConfigRegistry(resources)

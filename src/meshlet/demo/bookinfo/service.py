@@ -197,6 +197,12 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug: answer 500, keep serving, say what happened
             print(f"{self.server.app.name}: error on {self.path}: {e!r}", file=sys.stderr)
             reply = Reply.text("internal error\n", 500)
+        # Logged before the answer goes out: whoever has the answer can count on the line.
+        print(
+            f'{self.server.app.name} {self.client_address[0]} "{self.requestline}" '
+            f"{reply.status} {len(reply.body)}",
+            flush=True,
+        )
         self.send_response(reply.status)
         for name, value in reply.headers:
             self.send_header(name, value)
@@ -205,16 +211,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(reply.body)
-        print(
-            f'{self.server.app.name} {self.client_address[0]} "{self.requestline}" '
-            f"{reply.status} {len(reply.body)}",
-            flush=True,
-        )
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _handle
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _handle logs once the body is written, with its size
+        pass  # _handle logs each request once, with its status and size
 
     def log_message(self, format: str, *args: Any) -> None:
         print(f"{self.server.app.name}: {format % args}", file=sys.stderr, flush=True)

@@ -97,7 +97,7 @@ def test_ready_and_server_info_report_live_state(upstream, start_proxy):
 
 def test_config_dump_is_envoy_shaped_json_with_clusters_listeners_and_routes(upstream, start_proxy):
     # Envoy admin.rst GET /config_dump and config_dump.proto (ENVOY-SEMANTICS §8): "configs" in
-    # order Bootstrap, Clusters, Listeners, Routes, each an Any with its @type.
+    # order Bootstrap, Clusters, Listeners, Routes, Secrets, each an Any with its @type.
     proxy = start_proxy(bootstrap(clusters=[cluster("web", upstream.port)]))
     status, body = proxy.admin_get("/config_dump")
     assert status == 200
@@ -108,8 +108,9 @@ def test_config_dump_is_envoy_shaped_json_with_clusters_listeners_and_routes(ups
         TYPE + "ClustersConfigDump",
         TYPE + "ListenersConfigDump",
         TYPE + "RoutesConfigDump",
+        TYPE + "SecretsConfigDump",  # Envoy lists secrets last, keys redacted
     ]
-    boot, clusters, listeners, routes = dump["configs"]
+    boot, clusters, listeners, routes, _ = dump["configs"]
     assert boot["bootstrap"]["node"]["id"] == "test-node"
     static_cluster = clusters["static_clusters"][0]
     assert (

@@ -42,8 +42,62 @@ def register(commands: Any) -> None:
         metavar="HOST:PORT",
         help="the HTTP API, /metrics and /debug (default 127.0.0.1:15014)",
     )
+    p.add_argument(
+        "--ca",
+        action="store_true",
+        help="run the CA: CSRs over TLS on --ca-address, ADS over mTLS on --xds-tls-address",
+    )
+    p.add_argument(
+        "--mtls",
+        action="store_true",
+        help="auto mTLS and PeerAuthentication in the proxies' configuration (implies --ca)",
+    )
+    p.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a CA in Istio's cacerts layout (ca-cert.pem, ca-key.pem, root-cert.pem,"
+        " cert-chain.pem); default: a self-signed root in <state dir>/ca/",
+    )
+    p.add_argument(
+        "--trust-domain",
+        default="cluster.local",
+        metavar="DOMAIN",
+        help="the SPIFFE trust domain (default cluster.local)",
+    )
+    p.add_argument(
+        "--workload-cert-ttl",
+        default="24h",
+        metavar="DURATION",
+        help="lifetime of workload certificates, e.g. 24h, 90m, 30s (default 24h)",
+    )
+    p.add_argument(
+        "--ca-address",
+        default="127.0.0.1:15012",
+        metavar="HOST:PORT",
+        help="the CA's gRPC over TLS (default 127.0.0.1:15012)",
+    )
+    p.add_argument(
+        "--xds-tls-address",
+        default="127.0.0.1:15011",
+        metavar="HOST:PORT",
+        help="ADS over mTLS, client certificates from the CA (default 127.0.0.1:15011)",
+    )
     p.add_argument("--log-level", default="warning", choices=_LEVELS, help="default warning")
     p.set_defaults(run=run)
+
+
+def _duration(text: str, flag: str) -> float:
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise MeshletError(f"{flag} {text!r} is not a positive duration (e.g. 24h, 90m, 30s)")
+    return value
 
 
 def _address(text: str, flag: str) -> str:
@@ -66,5 +120,12 @@ def run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         xds_address=_address(args.xds_address, "--xds-address"),
         api_address=_address(args.api_address, "--api-address"),
+        ca=args.ca,
+        mtls=args.mtls,
+        ca_dir=args.ca_dir,
+        trust_domain=args.trust_domain,
+        workload_cert_ttl=_duration(args.workload_cert_ttl, "--workload-cert-ttl"),
+        ca_address=_address(args.ca_address, "--ca-address"),
+        xds_tls_address=_address(args.xds_tls_address, "--xds-tls-address"),
     )
     return serve(options)

@@ -37,7 +37,7 @@ from google.protobuf import any_pb2, json_format, message
 
 from meshlet.api import LoadedResource, load_object
 from meshlet.control.registry import ConfigRegistry
-from meshlet.control.snapshot import Proxy, ProxyType, Snapshot
+from meshlet.control.snapshot import DEFAULT_MESH, MeshConfig, Proxy, ProxyType, Snapshot
 from meshlet.control.store import Event, ExpiredError, ObjectKey, Store
 from meshlet.control.translate import (
     build_clusters,
@@ -106,10 +106,12 @@ def load_stored(objects: Iterable[Mapping[str, Any]]) -> list[LoadedResource]:
     return resources
 
 
-def build_snapshot(objects: Iterable[Mapping[str, Any]]) -> Snapshot:
+def build_snapshot(
+    objects: Iterable[Mapping[str, Any]], mesh: MeshConfig = DEFAULT_MESH
+) -> Snapshot:
     """The snapshot of a store's objects, with a ``ConfigRegistry`` over them."""
     resources = load_stored(objects)
-    return Snapshot.build(resources, ConfigRegistry(resources))
+    return Snapshot.build(resources, ConfigRegistry(resources), mesh)
 
 
 #: A refresh that validated this many objects freezes the heap (see ``refresh``).
@@ -205,11 +207,12 @@ class Translation:
     change only in ``refresh``.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, mesh: MeshConfig = DEFAULT_MESH) -> None:
         self.store = store
+        self.mesh = mesh
         self._lock = threading.Lock()  # refresh may also be called off the loop (at start)
         self.revision = -1
-        self.snapshot = build_snapshot(())
+        self.snapshot = build_snapshot((), mesh)
         self._cache: dict[tuple[Any, ...], dict[str, any_pb2.Any]] = {}
         self._loaded = _Loaded()
         self._registry = ConfigRegistry(())
@@ -241,7 +244,9 @@ class Translation:
                 self._registry = ConfigRegistry(resources)
             memo = self._memo
             self._memo = {}  # only what this build uses is kept for the next one
-            self.snapshot = Snapshot.build(resources, self._registry, memo=_Carry(memo, self._memo))
+            self.snapshot = Snapshot.build(
+                resources, self._registry, self.mesh, memo=_Carry(memo, self._memo)
+            )
             self.revision = revision
             if changed <= _ROUTE_ONLY_KINDS:
                 self._cache = {

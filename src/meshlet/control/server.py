@@ -22,16 +22,31 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import uvloop
 
 from meshlet.control.api import DEFAULT_ADDRESS as DEFAULT_API_ADDRESS
 from meshlet.control.api import ApiHandler, ApiServer, Response
+from meshlet.control.ca import (
+    DEFAULT_TRUST_DOMAIN,
+    DEFAULT_WORKLOAD_CERT_TTL,
+    BootstrapTokens,
+    CertificateAuthority,
+)
+from meshlet.control.ca_server import (
+    DEFAULT_CA_ADDRESS,
+    DEFAULT_XDS_TLS_ADDRESS,
+    CaServer,
+    CertificateService,
+)
 from meshlet.control.generators import Translation
+from meshlet.control.snapshot import MeshConfig
 from meshlet.control.store import DEFAULT_STATE_DIR, Event, Store
 from meshlet.control.xds import (
     CONFIG_UPDATE,
+    PROXY_UPDATE,
+    SECRET_TYPE,
     AdsServer,
     ConfigKey,
     PushQueue,
@@ -47,6 +62,20 @@ class ControlOptions:
     state_dir: Path = DEFAULT_STATE_DIR
     xds_address: str = DEFAULT_XDS_ADDRESS
     api_address: str = DEFAULT_API_ADDRESS
+    #: Run the CA (CSRs on ``ca_address``, ADS over mTLS on ``xds_tls_address``, SDS).
+    ca: bool = False
+    #: Auto mTLS and PeerAuthentication in the translation (implies ``ca``). Off by default
+    #: until every proxy speaks TLS.
+    mtls: bool = False
+    ca_dir: Path | None = None  # Istio's cacerts layout; None: self-signed in the state dir
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    workload_cert_ttl: float = DEFAULT_WORKLOAD_CERT_TTL
+    ca_address: str = DEFAULT_CA_ADDRESS
+    xds_tls_address: str = DEFAULT_XDS_TLS_ADDRESS
+
+    @property
+    def ca_enabled(self) -> bool:
+        return self.ca or self.mtls
 
 
 def push_request(events: list[Event]) -> PushRequest:
@@ -74,6 +103,7 @@ class ControlPlane:
         self.translation: Translation | None = None
         self.ads: AdsServer | None = None
         self.api: ApiServer | None = None
+        self.ca: CaServer | None = None
         self._unwatch: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -90,18 +120,34 @@ class ControlPlane:
         # a few MiB at most.
         gc.set_threshold(70_000, 20, 20)
         try:
-            store = self.store = Store.in_state_dir(self.options.state_dir)
-            translation = self.translation = Translation(store)
+            options = self.options
+            store = self.store = Store.in_state_dir(options.state_dir)
+            mesh = MeshConfig(trust_domain=options.trust_domain, enable_auto_mtls=options.mtls)
+            translation = self.translation = Translation(store, mesh=mesh)
             self._say(f"store {store.path}: {len(store.list())} objects")
             queue = PushQueue()
-            ads = self.ads = AdsServer(
-                translation.generators(), queue, self.options.xds_address, scope=translation
-            )
+            generators: dict[str, Any] = dict(translation.generators())
+            service = None
+            if options.ca_enabled:
+                service = self._certificate_service(queue)
+                generators[SECRET_TYPE] = service
+            ads = self.ads = AdsServer(generators, queue, options.xds_address, scope=translation)
             await ads.start()
             self._say(f"xDS on {ads.bound_address}")
+            if service is not None:
+                ca = self.ca = CaServer(
+                    service, options.ca_address, xds_tls_address=options.xds_tls_address, ads=ads
+                )
+                await ca.start()
+                self._say(f"CA on {ca.bound_address}, xDS over mTLS on {ca.bound_xds_tls_address}")
+
+            def metrics() -> str:
+                text = ads.metrics_text()
+                return text + self.ca.metrics_text() if self.ca is not None else text
+
             handler = ApiHandler(
                 store=store,
-                metrics=ads.metrics_text,
+                metrics=metrics,
                 sync_status=lambda: [s.as_dict() for s in ads.sync_status()],
                 config_dump=translation.config_dump,
                 routes=dict(self.routes),
@@ -116,6 +162,26 @@ class ControlPlane:
             await self.stop()
             raise
 
+    def _certificate_service(self, queue: PushQueue) -> CertificateService:
+        options = self.options
+        ttl = {"default_ttl": options.workload_cert_ttl}
+        if options.ca_dir is not None:
+            authority = CertificateAuthority.from_dir(
+                options.ca_dir, trust_domain=options.trust_domain, **ttl
+            )
+        else:
+            authority = CertificateAuthority.load_or_create(
+                options.state_dir, trust_domain=options.trust_domain, **ttl
+            )
+        tokens = BootstrapTokens.load_or_create(options.state_dir)
+        # A new certificate changes one proxy's SDS ``default``: a push re-sends secrets
+        # (unchanged resources are dropped by the connection's digest).
+        return CertificateService(
+            authority,
+            tokens,
+            on_issued=lambda: queue.enqueue(PushRequest(full=True, reason=PROXY_UPDATE)),
+        )
+
     async def stop(self) -> None:
         if self._unwatch is not None:
             self._unwatch()
@@ -123,6 +189,9 @@ class ControlPlane:
         if self.api is not None:
             await self.api.stop()
             self.api = None
+        if self.ca is not None:
+            await self.ca.stop(1.0)
+            self.ca = None
         if self.ads is not None:
             await self.ads.stop(1.0)
             self.ads = None

@@ -25,6 +25,8 @@ Rules kept (``ISTIO-TRANSLATION.md`` §2.1, §2.7, §4.3, §4.4):
   VirtualServices a proxy receives; without one a proxy sees everything exported to it.
 * Duplicate hostnames: a Kubernetes service beats a ServiceEntry, then the proxy's own
   namespace, then the oldest.
+* AuthorizationPolicies apply to a workload from the root namespace (mesh-wide) and its own
+  namespace: those without a selector, and those whose selector its labels match.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from meshlet.api.networking import (
     TrafficPolicy,
     VirtualService,
 )
+from meshlet.api.security import AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication
 from meshlet.control.registry import (
     DEFAULT_DOMAIN_SUFFIX,
     PUBLIC,
@@ -385,6 +388,17 @@ class GatewayConfig:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationPolicyConfig:
+    name: str
+    namespace: str
+    spec: AuthorizationPolicySpec
+    creation: str = ""
+
+    def __repr__(self) -> str:
+        return f"<AuthorizationPolicy {self.namespace}/{self.name} {self.spec.action}>"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class OutboundCluster:
     """One outbound cluster of a proxy: a service port, maybe a subset, the policy in effect."""
@@ -516,8 +530,12 @@ class Snapshot:
         destination_rules: Sequence[DestinationRuleConfig],
         sidecars: Sequence[SidecarConfig],
         gateways: Sequence[GatewayConfig],
+        authorization_policies: Sequence[AuthorizationPolicyConfig] = (),
+        peer_authentications: Sequence[Any] = (),
     ) -> None:
         self.mesh = mesh
+        # PeerAuthnConfig values (``translate.peer_authn``), in the store's order.
+        self.peer_authentications = tuple(peer_authentications)
         self.registry = registry
         self.services: tuple[Service, ...] = tuple(registry.services())
         self.virtual_services = tuple(sorted(virtual_services, key=lambda v: v.order))
@@ -544,6 +562,10 @@ class Snapshot:
                     for h in vs.hosts:
                         self._vs_by_host.setdefault((gw, h), []).append(vs)
         self._rules: dict[str, _HostRules] = _index_rules(destination_rules)
+        # Oldest first, then by name (istiod's order); by namespace for the scope lookup.
+        self._authz_by_ns: dict[str, list[AuthorizationPolicyConfig]] = {}
+        for ap in sorted(authorization_policies, key=lambda a: (a.creation, a.name, a.namespace)):
+            self._authz_by_ns.setdefault(ap.namespace, []).append(ap)
         self._sidecars_by_ns: dict[str, list[SidecarConfig]] = {}
         for sc in self.sidecars:
             self._sidecars_by_ns.setdefault(sc.namespace, []).append(sc)
@@ -580,6 +602,8 @@ class Snapshot:
         rules: list[DestinationRuleConfig] = []
         sidecars: list[SidecarConfig] = []
         gateways: list[GatewayConfig] = []
+        authz: list[AuthorizationPolicyConfig] = []
+        peer_authentications: list[Any] = []
         for item in resources:
             model, namespace = _unwrap(item)
             creation = model.metadata.creation_timestamp or ""
@@ -615,9 +639,29 @@ class Snapshot:
                         creation=creation,
                     )
                 )
+            elif isinstance(model, PeerAuthentication):
+                from meshlet.control.translate.peer_authn import PeerAuthnConfig
+
+                peer_authentications.append(
+                    PeerAuthnConfig(
+                        name=model.metadata.name,
+                        namespace=namespace,
+                        spec=model.spec,
+                        creation=creation,
+                    )
+                )
             elif isinstance(model, Gateway):
                 gateways.append(
                     GatewayConfig(
+                        name=model.metadata.name,
+                        namespace=namespace,
+                        spec=model.spec,
+                        creation=creation,
+                    )
+                )
+            elif isinstance(model, AuthorizationPolicy):
+                authz.append(
+                    AuthorizationPolicyConfig(
                         name=model.metadata.name,
                         namespace=namespace,
                         spec=model.spec,
@@ -635,6 +679,8 @@ class Snapshot:
             destination_rules=rules,
             sidecars=sidecars,
             gateways=gateways,
+            authorization_policies=authz,
+            peer_authentications=peer_authentications,
         )
 
     # -- lookups -------------------------------------------------------------------------------
@@ -702,6 +748,24 @@ class Snapshot:
             if sc.selector is None:
                 return sc
         return None
+
+    def authorization_policies_for(self, proxy: Proxy) -> tuple[AuthorizationPolicyConfig, ...]:
+        """The AuthorizationPolicies that apply to ``proxy`` (istiod's
+        ``ListAuthorizationPolicies``): mesh-wide ones in the root namespace, then those of its
+        own namespace; each without a selector, or with one its labels match. Policies with
+        ``targetRef(s)`` are for gateways and waypoints by Service or Gateway, not supported."""
+        found: list[AuthorizationPolicyConfig] = []
+        namespaces = dict.fromkeys((self.mesh.root_namespace, proxy.namespace))
+        for namespace in namespaces:
+            for ap in self._authz_by_ns.get(namespace, ()):
+                spec = ap.spec
+                if spec.target_ref is not None or spec.target_refs:
+                    continue
+                selector = spec.selector.match_labels if spec.selector is not None else None
+                if selector and not labels_match(selector, proxy.labels):
+                    continue
+                found.append(ap)
+        return tuple(found)
 
     def gateways_for(self, proxy: Proxy) -> tuple[GatewayConfig, ...]:
         """Gateways whose selector picks ``proxy`` (from any namespace, as Istio's default)."""
@@ -1299,6 +1363,7 @@ __all__ = [
     "DEFAULT_MESH",
     "MESH_GATEWAY",
     "ROOT_NAMESPACE",
+    "AuthorizationPolicyConfig",
     "DestinationRuleConfig",
     "EffectivePolicy",
     "GatewayConfig",

@@ -21,12 +21,19 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_pb2  # noq
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2 as _stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2 as _fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.tls_inspector.v3 import (  # noqa: F401
+    tls_inspector_pb2 as _tls_inspector_pb2,
+)
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2 as _hcm_pb2,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import (  # noqa: F401
     previous_hosts_pb2 as _previous_hosts_pb2,
 )
+from envoy.extensions.transport_sockets.raw_buffer.v3 import (  # noqa: F401
+    raw_buffer_pb2 as _raw_buffer_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2 as _tls_pb2  # noqa: F401
 from google.protobuf import json_format
 
 from meshlet.errors import ConfigError, Problem

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from meshlet.errors import ConfigError, ProblemList
 from meshlet.proxy.fields import ads_config_source, check_fields, join
 from meshlet.proxy.listener import ListenerConfig, compile_listener
+from meshlet.proxy.secrets import Secret, compile_secret
 from meshlet.proxy.telemetry.stats import NodeInfo
 from meshlet.proxy.upstream.cluster import ClusterConfig, compile_cluster
 
@@ -58,6 +59,7 @@ class DynamicResources:
     listeners: tuple[DynamicResource, ...] = ()
     clusters: tuple[DynamicResource, ...] = ()
     routes: tuple[DynamicResource, ...] = ()
+    secrets: tuple[DynamicResource, ...] = ()
     lds_version: str = ""
     cds_version: str = ""
 
@@ -72,12 +74,14 @@ class ProxyConfig:
     bootstrap: bootstrap_pb2.Bootstrap  # kept for /config_dump
     ads: AdsConfig | None = None  # set when the bootstrap has dynamic_resources
     dynamic: DynamicResources = DynamicResources()  # what came over ADS, for /config_dump
+    secrets: tuple[tuple[str, Secret], ...] = ()  # static_resources.secrets, then SDS ones
 
     def with_dynamic(
         self,
         listeners: tuple[ListenerConfig, ...],
         clusters: tuple[ClusterConfig, ...],
         dynamic: DynamicResources,
+        secrets: tuple[tuple[str, Secret], ...] = (),
     ) -> ProxyConfig:
         """This (static) configuration plus resources from ADS."""
         return replace(
@@ -85,7 +89,17 @@ class ProxyConfig:
             listeners=self.listeners + listeners,
             clusters=self.clusters + clusters,
             dynamic=dynamic,
+            secrets=self.secrets + secrets,
         )
+
+    def secret_names(self) -> frozenset[str]:
+        """The SDS secrets that listeners and clusters name."""
+        names: set[str] = set()
+        for lc in self.listeners:
+            names |= lc.secret_names()
+        for cc in self.clusters:
+            names |= cc.secret_names()
+        return frozenset(names)
 
 
 def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
@@ -93,7 +107,9 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
     problems = ProblemList()
     try:
         check_fields(proto, "", _BOOTSTRAP_FIELDS)
-        check_fields(proto.static_resources, "static_resources", {"listeners", "clusters"})
+        check_fields(
+            proto.static_resources, "static_resources", {"listeners", "clusters", "secrets"}
+        )
     except ConfigError as e:
         problems.extend(e)
     admin: tuple[str, int] | None = None
@@ -131,11 +147,23 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
             problems.add(join(path, "address"), f"{listener.host}:{listener.port} is used twice")
         addresses.add((listener.host, listener.port))
         # Envoy validates clusters of inline (static) route configurations by default.
-        table = listener.hcm.route_table
-        route_path = join(path, "filter_chains[0].filters[0].typed_config.route_config")
-        for name in sorted(table.referenced_clusters() - named):
-            problems.add(route_path, f"route names unknown cluster {name!r}")
+        for c, chain in enumerate(listener.chains):
+            table = chain.hcm.route_table
+            route_path = join(path, f"filter_chains[{c}].filters[0].typed_config.route_config")
+            for name in sorted(table.referenced_clusters() - named):
+                problems.add(route_path, f"route names unknown cluster {name!r}")
         listeners.append(listener)
+    secrets: list[tuple[str, Secret]] = []
+    for i, sp in enumerate(proto.static_resources.secrets):
+        path = f"static_resources.secrets[{i}]"
+        try:
+            name, secret = compile_secret(sp, path)
+        except ConfigError as e:
+            problems.extend(e)
+            continue
+        if any(n == name for n, _ in secrets):
+            problems.add(join(path, "name"), f"duplicate secret name {name!r}")
+        secrets.append((name, secret))
     ads: AdsConfig | None = None
     if proto.HasField("dynamic_resources"):
         try:
@@ -151,6 +179,7 @@ def compile_bootstrap(proto: bootstrap_pb2.Bootstrap) -> ProxyConfig:
         clusters=tuple(clusters),
         bootstrap=proto,
         ads=ads,
+        secrets=tuple(secrets),
     )
 
 

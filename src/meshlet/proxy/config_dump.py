@@ -1,10 +1,11 @@
 """``/config_dump``: the configuration in force, as Envoy's admin ``ConfigDump`` JSON.
 
-Order and message types are Envoy's: Bootstrap, Clusters, Listeners, Routes, each an ``Any``
-with its ``@type``; resources from ADS appear as Envoy shows them (``dynamic_active_clusters``,
-``dynamic_listeners``, ``dynamic_route_configs``, each with its ``version_info``). Imported
+Order and message types are Envoy's: Bootstrap, Clusters, Listeners, Routes, Secrets, each an
+``Any`` with its ``@type``; resources from ADS appear as Envoy shows them
+(``dynamic_active_clusters``, ``dynamic_listeners``, ``dynamic_route_configs``,
+``dynamic_active_secrets``, each with its ``version_info``). Imported
 only when the admin endpoint is used (it pulls in the admin protos and protobuf's JSON
-printer).
+printer). Private keys are shown as ``[redacted]``, as Envoy shows its sensitive fields.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from envoy.admin.v3 import config_dump_pb2, config_dump_shared_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from google.protobuf import json_format, timestamp_pb2
 
 from meshlet.proxy.config import ProxyConfig
@@ -24,6 +26,11 @@ def config_dump(config: ProxyConfig, loaded_at: float, resource: str = "") -> di
     updated = timestamp_pb2.Timestamp()
     updated.FromNanoseconds(int(loaded_at * 1e9))
     bootstrap = config.bootstrap
+    if bootstrap.static_resources.secrets:
+        bootstrap = type(bootstrap)()
+        bootstrap.CopyFrom(config.bootstrap)
+        for sp in bootstrap.static_resources.secrets:
+            _redact(sp)
     dumps = config_dump_pb2.ConfigDump()
 
     boot = config_dump_pb2.BootstrapConfigDump(bootstrap=bootstrap, last_updated=updated)
@@ -42,7 +49,18 @@ def config_dump(config: ProxyConfig, loaded_at: float, resource: str = "") -> di
                         hcm.route_config
                     )
     _add_dynamic(config, clusters, listeners, routes)
-    for message in (boot, clusters, listeners, routes):
+    secrets = config_dump_pb2.SecretsConfigDump()
+    for sp in bootstrap.static_resources.secrets:
+        secrets.static_secrets.add(name=sp.name, last_updated=updated).secret.Pack(sp)
+    for r in config.dynamic.secrets:
+        entry = secrets.dynamic_active_secrets.add(
+            name=r.name, version_info=r.version, last_updated=_timestamp(r.last_updated)
+        )
+        proto = secret_pb2.Secret()
+        proto.CopyFrom(r.proto)
+        _redact(proto)
+        entry.secret.Pack(proto)
+    for message in (boot, clusters, listeners, routes, secrets):
         dumps.configs.add().Pack(message)
     result: dict[str, Any] = json_format.MessageToDict(dumps, preserving_proto_field_name=True)
     if resource:
@@ -52,6 +70,12 @@ def config_dump(config: ProxyConfig, loaded_at: float, resource: str = "") -> di
             picked.extend(entry.get(resource, []))
         return {"configs": picked}
     return result
+
+
+def _redact(secret: secret_pb2.Secret) -> None:
+    if secret.HasField("tls_certificate") and secret.tls_certificate.HasField("private_key"):
+        secret.tls_certificate.private_key.Clear()
+        secret.tls_certificate.private_key.inline_string = "[redacted]"
 
 
 def _timestamp(at: float) -> timestamp_pb2.Timestamp:

@@ -8,9 +8,9 @@ body goes to its router as it arrives; the bodies of queued streams wait in memo
 pauses once they pass a high watermark.
 
 For the active stream the connection manager does what Envoy's HCM does, in order: request
-validation, x-request-id / x-forwarded-* handling, route selection, the fault filter, then the
-router (``meshlet.proxy.router``), which writes the response back through ``Stream``'s
-``start_response`` / ``send_body`` / ``end_response``. Everything is callbacks and
+validation, x-request-id / x-forwarded-* handling, the RBAC filters, route selection, the fault
+filter, then the router (``meshlet.proxy.router``), which writes the response back through
+``Stream``'s ``start_response`` / ``send_body`` / ``end_response``. Everything is callbacks and
 ``call_later`` timers; no task per request.
 
 Backpressure both ways: the router pauses this connection's reading while the upstream's send
@@ -36,16 +36,17 @@ import httptools
 
 from meshlet.proxy import framing
 from meshlet.proxy.filters.fault import NO_FAULT, decide
+from meshlet.proxy.filters.rbac import DENIED_BODY, enforce, request_attributes
 from meshlet.proxy.headers import Headers, RequestHead
 from meshlet.proxy.router import UpstreamRequest
 from meshlet.proxy.routing import DirectResponseAction, RedirectAction, RouteAction
-from meshlet.proxy.stream_info import Flag, StreamInfo
+from meshlet.proxy.stream_info import DownstreamTls, Flag, StreamInfo
 
 if TYPE_CHECKING:
     from meshlet.proxy.listener import HcmConfig
     from meshlet.proxy.routing import ClusterChoice, Route
     from meshlet.proxy.upstream.cluster import Cluster
-    from meshlet.proxy.worker import ListenerRuntime
+    from meshlet.proxy.worker import ChainRuntime, ListenerRuntime
 
 log = logging.getLogger("meshlet.http1")
 
@@ -53,8 +54,10 @@ _QUEUED_BODY_HIGH_WATER = 256 * 1024
 _FAULT_ABORT_BODY = b"fault filter abort"
 _STREAM_TIMEOUT_BODY = b"stream timeout"
 _DELAYED_CLOSE = 1.0  # Envoy's delayed_close_timeout default
-# No downstream TLS yet: x-forwarded-proto says so, whatever scheme an absolute-form target names.
+# x-forwarded-proto says how the client reached us, whatever scheme an absolute-form target names.
 _DOWNSTREAM_SCHEME = b"http"
+_DOWNSTREAM_SCHEME_TLS = b"https"
+_XFCC = b"x-forwarded-client-cert"
 
 
 # Request headers the connection manager notes while parsing, and those it drops.
@@ -66,6 +69,7 @@ _NOTED = _DROPPED | {
     b"x-request-id",
     b"x-forwarded-proto",
     b"x-forwarded-for",
+    _XFCC,
 }
 _RESPONSE_NOTED = framing.HOP_BY_HOP | {b"content-length", b"date", b"server"}
 # UUIDv4 layout: version nibble 4 (bits 76-79), variant bits 10 (bits 62-63).
@@ -322,6 +326,7 @@ class DownstreamConnection(asyncio.Protocol):
         "_special",
         "_stream_idle_at",
         "_stream_idle_timer",
+        "chain",
         "closed",
         "closing",
         "draining",
@@ -329,19 +334,31 @@ class DownstreamConnection(asyncio.Protocol):
         "parser",
         "peer",
         "peer_ip",
+        "peer_principal",
         "runtime",
         "streams",
+        "tls",
         "transport",
         "writing_paused",
     )
 
-    def __init__(self, runtime: ListenerRuntime) -> None:
+    def __init__(
+        self,
+        runtime: ListenerRuntime,
+        chain: ChainRuntime | None = None,
+        tls: DownstreamTls | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.chain = chain or runtime.chains[0]  # its HCM (routes, timeouts) serves requests
+        self.tls = tls  # None: plaintext
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.streams: deque[Stream] = deque()
         self.peer = ""
         self.peer_ip = b""
+        # The peer certificate's URI SAN (spiffe://<td>/ns/<ns>/sa/<sa>) once downstream mTLS
+        # sets it; None: no peer identity (RBAC's ``authenticated`` principals never match).
+        self.peer_principal: str | None = None
         self.local = ""
         self.closed = False
         self.closing = False  # no more requests are read; those parsed are still answered
@@ -410,7 +427,7 @@ class DownstreamConnection(asyncio.Protocol):
                 self._head_wire = 0
             else:
                 self._head_wire += len(data)
-                if self._head_wire > self.runtime.hcm.max_request_headers_bytes:
+                if self._head_wire > self.chain.hcm.max_request_headers_bytes:
                     self._protocol_error(431, "http1.headers_too_large")
 
     def _upgraded(self, data: bytes | memoryview, offset: int) -> None:
@@ -493,8 +510,9 @@ class DownstreamConnection(asyncio.Protocol):
             start_wall=time.time(),
             downstream_remote=self.peer,
             downstream_local=self.local,
+            downstream_tls=self.tls,
         )
-        stream = Stream(self, rt.hcm, info)
+        stream = Stream(self, self.chain.hcm, info)
         self.streams.append(stream)
         # Header accumulation lives on the connection while parsing (hot path: no lookups).
         self._hdrs = []
@@ -530,13 +548,13 @@ class DownstreamConnection(asyncio.Protocol):
             raise _Stop
         stream = self.streams[-1]
         stream.url += url
-        if len(stream.url) > self.runtime.hcm.max_request_headers_bytes:
+        if len(stream.url) > self.chain.hcm.max_request_headers_bytes:
             raise _Reject(414, "http1.request_line_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         hdrs = self._hdrs
         self._hdr_bytes += len(name) + len(value) + 4
-        hcm = self.runtime.hcm
+        hcm = self.chain.hcm
         if self._hdr_bytes > hcm.max_request_headers_bytes:
             raise _Reject(431, "http1.headers_too_large")
         if len(hdrs) >= hcm.max_headers_count:
@@ -678,6 +696,21 @@ class DownstreamConnection(asyncio.Protocol):
             if not stream.request_complete:
                 self.write(framing.CONTINUE_100)
         _sanitize_request(head, stream, hcm, self.peer_ip, rt)
+        # RBAC filters come before the router, whose work (404, direct responses) they precede.
+        if hcm.rbac:
+            attrs = request_attributes(
+                head,
+                peer_ip=self.peer_ip,
+                local=self.local,
+                inbound=rt.reporter == "destination",
+                use_remote_address=hcm.use_remote_address,
+                xff_num_trusted_hops=hcm.xff_num_trusted_hops,
+                peer_principal=self.peer_principal,
+            )
+            details = enforce(hcm.rbac, attrs, rt.http_stats)
+            if details is not None:
+                stream.local_reply(403, DENIED_BODY, details=details)
+                return
         selection = hcm.route_table.select(head)
         if selection is None or selection.route is None:
             rt.http_stats.no_route += 1
@@ -820,7 +853,7 @@ class DownstreamConnection(asyncio.Protocol):
         info.end = rt.loop.time()
         code = info.response_code
         rt.http_stats.record_response_code(code)
-        rt.record(info)
+        rt.record(info, stream.hcm)
 
     # -- errors and timeouts -----------------------------------------------------------------
 
@@ -838,8 +871,9 @@ class DownstreamConnection(asyncio.Protocol):
                 start_wall=time.time(),
                 downstream_remote=self.peer,
                 downstream_local=self.local,
+                downstream_tls=self.tls,
             )
-            stream = Stream(self, self.runtime.hcm, info)
+            stream = Stream(self, self.chain.hcm, info)
             streams.append(stream)
         stream.info.add_flag(Flag.DOWNSTREAM_PROTOCOL_ERROR)
         self._fail(stream, status, framing.reason_phrase(status).encode(), details)
@@ -939,7 +973,7 @@ class DownstreamConnection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         # Not closed here when draining: a connection accepted while draining (after
         # /healthcheck/fail) is still served, with "connection: close" (Envoy draining.rst).
-        timeout = self.runtime.hcm.idle_timeout
+        timeout = self.chain.hcm.idle_timeout
         if timeout:
             self._idle_timer = self.runtime.loop.call_later(timeout, self._idle_close)
 
@@ -1066,19 +1100,63 @@ def _sanitize_request(
         headers.items = items
         special = {k: v for k, v in special.items() if k not in nominated}
     items = headers.items
+    tls = stream.conn.tls
+    scheme = _DOWNSTREAM_SCHEME if tls is None else _DOWNSTREAM_SCHEME_TLS
     if hcm.use_remote_address:
         if not hcm.skip_xff_append:
             xff = headers.joined(b"x-forwarded-for")
             ip = rt.local_ip if peer_ip in (b"127.0.0.1", b"::1") else peer_ip
             headers.set(b"x-forwarded-for", xff + b", " + ip if xff else ip)
-        headers.set(b"x-forwarded-proto", _DOWNSTREAM_SCHEME)
+        headers.set(b"x-forwarded-proto", scheme)
     elif b"x-forwarded-proto" not in special:
-        items.append((b"x-forwarded-proto", _DOWNSTREAM_SCHEME))
+        items.append((b"x-forwarded-proto", scheme))
+    if tls is not None or _XFCC in special or hcm.forward_client_cert != "SANITIZE":
+        _forward_client_cert(headers, special, hcm, tls)
     if hcm.generate_request_id:
         if b"x-request-id" not in special:
             items.append((b"x-request-id", _request_id(rt.rng)))
         elif hcm.use_remote_address and not hcm.preserve_external_request_id:
             headers.set(b"x-request-id", _request_id(rt.rng))
+
+
+def _forward_client_cert(
+    headers: Headers, special: dict[bytes, bytes], hcm: HcmConfig, tls: DownstreamTls | None
+) -> None:
+    """x-forwarded-client-cert as Envoy's HCM sets it (``forward_client_cert_details``):
+    without a client certificate it is removed (except ALWAYS_FORWARD_ONLY); with one,
+    SANITIZE removes it, FORWARD_ONLY keeps it, APPEND_FORWARD appends this hop's element and
+    SANITIZE_SET replaces it with this hop's element: ``By=<our URI SAN>;Hash=<sha256 of the
+    peer certificate>`` then the ``set_current_client_cert_details`` fields."""
+    mode = hcm.forward_client_cert
+    present = _XFCC in special
+    if mode == "ALWAYS_FORWARD_ONLY":
+        return
+    if tls is None or not tls.mutual or mode == "SANITIZE":
+        if present:
+            headers.remove(_XFCC)
+        return
+    if mode == "FORWARD_ONLY":
+        return
+    parts = [f"By={uri}" for uri in tls.local_uri_sans]
+    parts.append(f"Hash={tls.peer_cert_sha256}")
+    for field in hcm.client_cert_details:
+        if field == "cert":
+            import ssl
+            from urllib.parse import quote
+
+            pem = ssl.DER_cert_to_PEM_cert(tls.peer_certificate)
+            parts.append(f'Cert="{quote(pem, safe="")}"')
+        elif field == "subject":
+            parts.append(f'Subject="{tls.peer_subject}"')
+        elif field == "uri":
+            parts.extend(f"URI={uri}" for uri in tls.peer_uri_sans)
+        elif field == "dns":
+            parts.extend(f"DNS={dns}" for dns in tls.peer_dns_sans)
+    element = ";".join(parts).encode()
+    if mode == "APPEND_FORWARD" and present:
+        headers.set(_XFCC, (headers.joined(_XFCC) or b"") + b"," + element)
+    else:
+        headers.set(_XFCC, element)
 
 
 def _request_id(rng: random.Random) -> bytes:

@@ -1,22 +1,28 @@
 """Listeners and their HTTP connection manager, compiled from Envoy protos.
 
-A listener is an address plus exactly one filter chain holding
-``envoy.filters.network.http_connection_manager``; the HCM carries an inline route
+A listener is an address plus filter chains, each holding one
+``envoy.filters.network.http_connection_manager`` and, optionally, a TLS ``transport_socket``.
+With several chains, ``filter_chain_match`` (``server_names``, ``transport_protocol``,
+``application_protocols``) picks one per connection, as Envoy does; the
+``envoy.filters.listener.tls_inspector`` listener filter tells ``tls`` from ``raw_buffer`` and
+finds SNI and ALPN (Istio's PERMISSIVE: a TLS chain and a plaintext chain on one port). Each
+chain's HCM the HCM carries an inline route
 configuration (or, for listeners from ADS, an ``rds`` block naming a RouteConfiguration that
 comes over ADS too: the HCM is compiled with an empty table that the ADS client fills in), the
-HTTP filters (``envoy.filters.http.fault`` then ``envoy.filters.http.router``;
-nothing else), access logs and the HCM's timeouts and header rules. Defaults are Envoy's
-(ENVOY-SEMANTICS §7).
+HTTP filters (``envoy.filters.http.rbac``, ``envoy.filters.http.fault`` then
+``envoy.filters.http.router``; nothing else), access logs and the HCM's timeouts and header
+rules. Defaults are Envoy's (ENVOY-SEMANTICS §7).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -32,14 +38,27 @@ from meshlet.proxy.fields import (
     uint_field,
 )
 from meshlet.proxy.filters.fault import FaultPolicy, compile_fault
+from meshlet.proxy.filters.rbac import RbacFilter, compile_rbac
 from meshlet.proxy.routing import RouteTable, compile_route_config
 from meshlet.proxy.telemetry.access_log import AccessLogger, compile_access_logs
+from meshlet.proxy.tls import TLS_INSPECTOR_TYPE, TlsConfig, compile_transport_socket
 
 HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
 ROUTER_TYPE = "type.googleapis.com/" + router_pb2.Router.DESCRIPTOR.full_name
+RBAC_TYPE = "type.googleapis.com/" + rbac_pb2.RBAC.DESCRIPTOR.full_name
 
-_LISTENER_FIELDS = {"name", "address", "filter_chains", "traffic_direction", "stat_prefix"}
+_LISTENER_FIELDS = {
+    "name",
+    "address",
+    "filter_chains",
+    "traffic_direction",
+    "stat_prefix",
+    "listener_filters",
+}
+_CHAIN_MATCH_FIELDS = {"server_names", "transport_protocol", "application_protocols"}
+_XFCC = hcm_pb2.HttpConnectionManager.ForwardClientCertDetails
+_SET_CURRENT_FIELDS = ("subject", "uri", "dns", "cert")  # Envoy's order in the header
 _HCM_FIELDS = {
     "codec_type",
     "stat_prefix",
@@ -61,6 +80,8 @@ _HCM_FIELDS = {
     "always_set_request_id_in_response",
     "preserve_external_request_id",
     "rds",
+    "forward_client_cert_details",
+    "set_current_client_cert_details",
 }
 
 
@@ -91,6 +112,41 @@ class HcmConfig:
     suppress_envoy_headers: bool = False
     rds_route_name: str = ""  # RDS: route_table is a placeholder until the route arrives
     rds_fetch_timeout: float | None = 15.0  # RDS: how long the first config waits (None: ever)
+    rbac: tuple[RbacFilter, ...] = ()  # the RBAC filters, in chain order
+    # x-forwarded-client-cert: SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or
+    # ALWAYS_FORWARD_ONLY, and the peer certificate's fields set_current_client_cert_details
+    # adds (subject, uri, dns, cert; Envoy's order).
+    forward_client_cert: str = "SANITIZE"
+    client_cert_details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainMatch:
+    """``filter_chain_match``: empty fields match anything."""
+
+    server_names: tuple[str, ...] = ()
+    transport_protocol: str = ""
+    application_protocols: tuple[str, ...] = ()
+
+    def server_name_rank(self, sni: str) -> int:
+        """How well ``sni`` matches (Envoy: exact > longest wildcard > none listed); -1: no."""
+        if not self.server_names:
+            return 0
+        best = -1
+        for name in self.server_names:
+            if name == sni and sni:
+                return 1 << 16
+            if name.startswith("*.") and sni.endswith(name[1:]):
+                best = max(best, len(name))
+        return best
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FilterChainConfig:
+    name: str
+    match: ChainMatch
+    tls: TlsConfig | None  # None: plaintext (raw_buffer)
+    hcm: HcmConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,7 +155,41 @@ class ListenerConfig:
     host: str
     port: int
     reporter: str  # "destination" for INBOUND listeners, else "source" (Istio's reporter label)
-    hcm: HcmConfig
+    chains: tuple[FilterChainConfig, ...]
+    tls_inspector: bool = False  # envoy.filters.listener.tls_inspector is configured
+
+    @property
+    def hcm(self) -> HcmConfig:
+        """The first chain's HCM (the only one of most listeners)."""
+        return self.chains[0].hcm
+
+    @property
+    def plain(self) -> bool:
+        """One plaintext chain, no inspection: connections go straight to HTTP."""
+        return len(self.chains) == 1 and self.chains[0].tls is None and not self.tls_inspector
+
+    def secret_names(self) -> frozenset[str]:
+        return frozenset(n for c in self.chains if c.tls for n in c.tls.secret_names())
+
+    def with_hcms(self, hcms: tuple[HcmConfig, ...]) -> ListenerConfig:
+        """This listener with each chain's HCM replaced (RDS fills in route tables)."""
+        chains = tuple(replace(c, hcm=h) for c, h in zip(self.chains, hcms, strict=True))
+        return replace(self, chains=chains)
+
+    def select_chain(self, transport_protocol: str, sni: str, alpn: tuple[str, ...]) -> int | None:
+        """The index of the chain for a connection, as Envoy's filter chain matching picks
+        it: by server name, then transport protocol, then application protocol, the most
+        specific match winning at each step; None when no chain matches."""
+        chains = self.chains
+        ranks = [c.match.server_name_rank(sni) for c in chains]
+        best = max(ranks, default=-1)
+        candidates = [i for i in range(len(chains)) if ranks[i] == best and best >= 0]
+        exact = [i for i in candidates if chains[i].match.transport_protocol == transport_protocol]
+        candidates = exact or [i for i in candidates if not chains[i].match.transport_protocol]
+        offered = set(alpn)
+        exact = [i for i in candidates if offered & set(chains[i].match.application_protocols)]
+        candidates = exact or [i for i in candidates if not chains[i].match.application_protocols]
+        return candidates[0] if candidates else None
 
 
 def compile_listener(
@@ -122,31 +212,99 @@ def compile_listener(
             problems.add(join(addr_path, "socket_address.port_value"), "must be a port")
     except ConfigError as e:
         problems.extend(e)
-    hcm: HcmConfig | None = None
-    if len(proto.filter_chains) != 1:
-        problems.add(join(path, "filter_chains"), "exactly one filter chain is supported")
-    else:
-        chain_path = join(path, "filter_chains[0]")
+    chains: list[FilterChainConfig] = []
+    if not proto.filter_chains:
+        problems.add(join(path, "filter_chains"), "at least one filter chain is required")
+    for i, chain in enumerate(proto.filter_chains):
+        chain_path = join(path, f"filter_chains[{i}]")
         try:
-            hcm = _compile_chain(proto.filter_chains[0], chain_path, proto.name, rds=rds)
+            chains.append(_compile_filter_chain(chain, chain_path, proto.name, rds=rds))
         except ConfigError as e:
             problems.extend(e)
+    inspector = False
+    for i, lf in enumerate(proto.listener_filters):
+        lpath = join(path, f"listener_filters[{i}]")
+        try:
+            check_fields(lf, lpath, {"name", "typed_config"})
+        except ConfigError as e:
+            problems.extend(e)
+        url = lf.typed_config.type_url
+        if url == TLS_INSPECTOR_TYPE or (
+            not url and lf.name == "envoy.filters.listener.tls_inspector"
+        ):
+            inspector = True
+        else:
+            problems.add(
+                lpath,
+                f"{url or lf.name} is not supported (supported: "
+                "envoy.filters.listener.tls_inspector)",
+            )
+    if not inspector and any(
+        c.match.server_names or c.match.application_protocols or c.match.transport_protocol == "tls"
+        for c in chains
+    ):
+        problems.add(
+            join(path, "listener_filters"),
+            "matching on server_names, application_protocols or transport_protocol tls needs "
+            "envoy.filters.listener.tls_inspector",
+        )
     problems.raise_if_any()
-    assert hcm is not None
     inbound = proto.traffic_direction == base_pb2.INBOUND
     return ListenerConfig(
         name=proto.name or f"{host}_{port}",
         host=host,
         port=port,
         reporter="destination" if inbound else "source",
-        hcm=hcm,
+        chains=tuple(chains),
+        tls_inspector=inspector,
     )
+
+
+def _compile_filter_chain(
+    chain: listener_pb2.FilterChain, path: str, listener_name: str, *, rds: bool
+) -> FilterChainConfig:
+    """A chain's match and transport socket here; its HCM in ``_compile_chain``."""
+    problems = ProblemList()
+    match = ChainMatch()
+    if chain.HasField("filter_chain_match"):
+        m = chain.filter_chain_match
+        mpath = join(path, "filter_chain_match")
+        try:
+            check_fields(m, mpath, _CHAIN_MATCH_FIELDS)
+        except ConfigError as e:
+            problems.extend(e)
+        if m.transport_protocol not in ("", "tls", "raw_buffer"):
+            problems.add(
+                join(mpath, "transport_protocol"),
+                f"{m.transport_protocol!r} is not supported (tls, raw_buffer)",
+            )
+        match = ChainMatch(
+            server_names=tuple(n.lower() for n in m.server_names),
+            transport_protocol=m.transport_protocol,
+            application_protocols=tuple(m.application_protocols),
+        )
+    tls: TlsConfig | None = None
+    if chain.HasField("transport_socket"):
+        try:
+            tls = compile_transport_socket(
+                chain.transport_socket, join(path, "transport_socket"), upstream=False
+            )
+        except ConfigError as e:
+            problems.extend(e)
+    hcm: HcmConfig | None = None
+    try:
+        hcm = _compile_chain(chain, path, listener_name, rds=rds)
+    except ConfigError as e:
+        problems.extend(e)
+    problems.raise_if_any()
+    assert hcm is not None
+    return FilterChainConfig(name=chain.name, match=match, tls=tls, hcm=hcm)
 
 
 def _compile_chain(
     chain: listener_pb2.FilterChain, path: str, listener_name: str, *, rds: bool = False
 ) -> HcmConfig:
-    check_fields(chain, path, {"filters", "name"})
+    check_fields(chain, path, {"filters", "name", "filter_chain_match", "transport_socket"})
     if len(chain.filters) != 1:
         raise ConfigError.at(
             join(path, "filters"),
@@ -208,6 +366,7 @@ def compile_hcm(
     fault_filter, fault, suppress = False, None, False
     filters_path = join(path, "http_filters")
     names = []
+    rbac: list[RbacFilter] = []
     for i, hf in enumerate(proto.http_filters):
         hpath = f"{filters_path}[{i}]"
         guard(lambda hf=hf, hpath=hpath: check_fields(hf, hpath, {"name", "typed_config"}))
@@ -221,6 +380,15 @@ def compile_hcm(
                 fault = guard(
                     lambda msg=msg, hpath=hpath: compile_fault(msg, join(hpath, "typed_config"))
                 )
+        elif url == RBAC_TYPE:
+            names.append("rbac")
+            msg_rbac = rbac_pb2.RBAC()
+            hf.typed_config.Unpack(msg_rbac)
+            compiled = guard(
+                lambda m=msg_rbac, hpath=hpath: compile_rbac(m, join(hpath, "typed_config"))
+            )
+            if isinstance(compiled, RbacFilter):
+                rbac.append(compiled)
         elif url == ROUTER_TYPE or (not url and hf.name == "envoy.filters.http.router"):
             names.append("router")
             if url:
@@ -237,7 +405,8 @@ def compile_hcm(
             problems.add(
                 hpath,
                 f"{url or hf.name} is not supported "
-                "(supported: envoy.filters.http.fault, envoy.filters.http.router)",
+                "(supported: envoy.filters.http.rbac, envoy.filters.http.fault, "
+                "envoy.filters.http.router)",
             )
     if names and names[-1] != "router":
         problems.add(filters_path, "the last HTTP filter must be envoy.filters.http.router")
@@ -248,6 +417,16 @@ def compile_hcm(
     opts_path = join(path, "common_http_protocol_options")
     guard(lambda: check_fields(opts, opts_path, {"idle_timeout", "max_headers_count"}))
     transformation = proto.server_header_transformation
+    details: tuple[str, ...] = ()
+    if proto.HasField("set_current_client_cert_details"):
+        current = proto.set_current_client_cert_details
+        cpath = join(path, "set_current_client_cert_details")
+        guard(lambda: check_fields(current, cpath, {"subject", "uri", "dns", "cert"}))
+        details = tuple(
+            f
+            for f in _SET_CURRENT_FIELDS
+            if (current.subject.value if f == "subject" else getattr(current, f))
+        )
     problems.raise_if_any()
     assert isinstance(table, RouteTable)
     assert fault is None or isinstance(fault, FaultPolicy)
@@ -280,6 +459,9 @@ def compile_hcm(
         suppress_envoy_headers=suppress,
         rds_route_name=rds_name,
         rds_fetch_timeout=rds_timeout,
+        rbac=tuple(rbac),
+        forward_client_cert=_XFCC.Name(proto.forward_client_cert_details),
+        client_cert_details=details,
     )
 
 

@@ -7,6 +7,7 @@ the way it did, e.g. ``UH`` no healthy upstream, ``UF`` connect failure.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from meshlet.proxy.headers import Headers, RequestHead
 
@@ -33,6 +34,32 @@ class Flag(enum.StrEnum):
     LOCAL_HEALTH_CHECK_FAILED = "LH"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DownstreamTls:
+    """A downstream TLS connection's facts, found once per connection (``meshlet.proxy.tls``).
+
+    ``peer_certificate`` is empty when the client presented none (TLS, not mutual TLS).
+    """
+
+    version: str  # "TLSv1.3"
+    sni: str
+    peer_certificate: bytes  # DER
+    peer_uri_sans: tuple[str, ...]
+    peer_dns_sans: tuple[str, ...]
+    peer_subject: str  # RFC 2253-like, most significant last
+    peer_cert_sha256: str  # hex, XFCC's Hash=
+    local_uri_sans: tuple[str, ...]  # of the certificate this proxy presented
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.peer_certificate)
+
+    @property
+    def peer_principal(self) -> str:
+        """Istio's source principal: the peer's first URI SAN (``spiffe://...``)."""
+        return self.peer_uri_sans[0] if self.peer_uri_sans else ""
+
+
 class StreamInfo:
     """Per-request facts, filled in as the request moves through the proxy."""
 
@@ -41,6 +68,7 @@ class StreamInfo:
         "bytes_sent",
         "downstream_local",
         "downstream_remote",
+        "downstream_tls",
         "end",
         "flags",
         "request",
@@ -63,12 +91,14 @@ class StreamInfo:
         start_wall: float,
         downstream_remote: str,
         downstream_local: str,
+        downstream_tls: DownstreamTls | None = None,
     ) -> None:
         self.start = start  # monotonic seconds
         self.start_wall = start_wall  # epoch seconds, for %START_TIME%
         self.end: float | None = None
         self.downstream_remote = downstream_remote  # "ip:port"
         self.downstream_local = downstream_local
+        self.downstream_tls = downstream_tls  # None: plaintext
         self.request: RequestHead | None = None
         self.response_headers: Headers | None = None
         self.response_code = 0  # 0 when nothing was sent (Envoy logs 0 then)

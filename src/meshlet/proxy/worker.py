@@ -12,7 +12,6 @@ place, starts new ones and drains removed ones.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import socket
@@ -20,12 +19,38 @@ import socket
 from meshlet.errors import ConfigError, Problem
 from meshlet.proxy.config import ProxyConfig
 from meshlet.proxy.http1 import DownstreamConnection
-from meshlet.proxy.listener import HcmConfig, ListenerConfig
-from meshlet.proxy.stream_info import StreamInfo
+from meshlet.proxy.listener import FilterChainConfig, HcmConfig, ListenerConfig
+from meshlet.proxy.secrets import SecretStore
+from meshlet.proxy.stream_info import DownstreamTls, StreamInfo
 from meshlet.proxy.telemetry.stats import HttpStats, StatsStore
+from meshlet.proxy.tls import TlsConfig, TlsContexts, TransportInspector
 from meshlet.proxy.upstream.cluster import ClusterManager
 
 log = logging.getLogger("meshlet.worker")
+
+
+class ChainRuntime:
+    """One filter chain of a listener; updated in place when the listener's configuration
+    changes, so that connections see new routes (as they did with one chain)."""
+
+    __slots__ = ("config", "hcm", "tls")
+
+    def __init__(self, config: FilterChainConfig) -> None:
+        self.config = config
+        self.hcm: HcmConfig = config.hcm
+        self.tls: TlsConfig | None = config.tls
+
+    def __repr__(self) -> str:
+        return f"<ChainRuntime {self.config.name or '-'} {'tls' if self.tls else 'plaintext'}>"
+
+    def apply(self, config: FilterChainConfig) -> None:
+        self.config = config
+        self.hcm = config.hcm
+        self.tls = config.tls
+
+
+def _chain_key(config: FilterChainConfig, index: int) -> str:
+    return config.name or f"#{index}"
 
 
 class ListenerRuntime:
@@ -33,6 +58,7 @@ class ListenerRuntime:
 
     __slots__ = (
         "active_faults",
+        "chains",
         "clusters",
         "config",
         "connections",
@@ -45,6 +71,7 @@ class ListenerRuntime:
         "rng",
         "server",
         "stats",
+        "tls_contexts",
     )
 
     def __init__(
@@ -54,8 +81,11 @@ class ListenerRuntime:
         stats: StatsStore,
         loop: asyncio.AbstractEventLoop,
         rng: random.Random,
+        tls_contexts: TlsContexts | None = None,
     ) -> None:
         self.config = config
+        self.chains = [ChainRuntime(c) for c in config.chains]
+        self.tls_contexts = tls_contexts or TlsContexts(SecretStore())
         self.hcm: HcmConfig = config.hcm
         self.reporter = config.reporter
         self.clusters = clusters
@@ -72,9 +102,30 @@ class ListenerRuntime:
     def __repr__(self) -> str:
         return f"<ListenerRuntime {self.config.name} connections={len(self.connections)}>"
 
-    def record(self, info: StreamInfo) -> None:
+    # -- connections (tls.ChainSelector) ---------------------------------------------------
+
+    @property
+    def inspects_tls(self) -> bool:
+        return self.config.tls_inspector
+
+    def accept(self) -> asyncio.Protocol:
+        """A new connection: straight to HTTP, or first through the transport inspector."""
+        if self.config.plain:
+            return DownstreamConnection(self, self.chains[0])
+        return TransportInspector(self)
+
+    def select(
+        self, transport_protocol: str, sni: str, alpn: tuple[str, ...]
+    ) -> ChainRuntime | None:
+        index = self.config.select_chain(transport_protocol, sni, alpn)
+        return None if index is None else self.chains[index]
+
+    def open(self, chain: ChainRuntime, tls: DownstreamTls | None) -> asyncio.Protocol:
+        return DownstreamConnection(self, chain, tls)
+
+    def record(self, info: StreamInfo, hcm: HcmConfig | None = None) -> None:
         """A stream ended: access logs and Istio metrics."""
-        for logger in self.hcm.access_logs:
+        for logger in (hcm or self.hcm).access_logs:
             logger.log(info)
         cluster = info.upstream_cluster
         self.stats.istio.record(
@@ -85,6 +136,16 @@ class ListenerRuntime:
         )
 
     def apply(self, config: ListenerConfig) -> None:
+        old = {_chain_key(c.config, i): c for i, c in enumerate(self.chains)}
+        chains = []
+        for i, cc in enumerate(config.chains):
+            chain = old.get(_chain_key(cc, i))
+            if chain is None:
+                chain = ChainRuntime(cc)
+            else:
+                chain.apply(cc)
+            chains.append(chain)
+        self.chains = chains
         self.config = config
         self.hcm = config.hcm
         self.reporter = config.reporter
@@ -123,11 +184,15 @@ class Worker:
         *,
         index: int = 0,
         concurrency: int = 1,
+        secrets: SecretStore | None = None,
     ) -> None:
         self.index = index
         self.config = config
         self.loop = loop
         self.stats = StatsStore(config.node_info, concurrency=concurrency)
+        self.secrets = secrets or SecretStore()
+        self.tls_contexts = TlsContexts(self.secrets)
+        self._config_secrets: set[str] = set()  # names this worker set from configuration
         self.rng = random.Random()
         self.clusters = ClusterManager(self.stats, self.rng)
         self.listeners: dict[str, ListenerRuntime] = {}
@@ -138,7 +203,8 @@ class Worker:
 
     async def start(self, sockets: dict[str, socket.socket] | None = None) -> None:
         """Build clusters, bind listeners, and wait for DNS clusters' first answer."""
-        self.clusters.apply(self.config.clusters)
+        self._apply_secrets(self.config)
+        self.clusters.apply(self.config.clusters, self.tls_contexts)
         for listener in self.config.listeners:
             sock = (sockets or {}).get(listener.name) or bind_listener(listener)
             await self._serve(listener, sock)
@@ -148,10 +214,10 @@ class Worker:
             log.warning("some DNS clusters have no hosts yet; serving anyway")
 
     async def _serve(self, listener: ListenerConfig, sock: socket.socket) -> None:
-        rt = ListenerRuntime(listener, self.clusters, self.stats, self.loop, self.rng)
-        rt.server = await self.loop.create_server(
-            functools.partial(DownstreamConnection, rt), sock=sock, backlog=1024
+        rt = ListenerRuntime(
+            listener, self.clusters, self.stats, self.loop, self.rng, self.tls_contexts
         )
+        rt.server = await self.loop.create_server(rt.accept, sock=sock, backlog=1024)
         self.listeners[listener.name] = rt
 
     async def apply(self, config: ProxyConfig) -> None:
@@ -185,7 +251,8 @@ class Worker:
                 sock.close()
             raise ConfigError(problems)
         self.config = config
-        self.clusters.apply(config.clusters)
+        self._apply_secrets(config)
+        self.clusters.apply(config.clusters, self.tls_contexts)
         wanted = {lc.name for lc in config.listeners}
         for name in [n for n in self.listeners if n not in wanted or n in moving]:
             rt = self.listeners.pop(name)
@@ -198,9 +265,20 @@ class Worker:
             else:
                 self.listeners[lc.name].apply(lc)
 
+    def _apply_secrets(self, config: ProxyConfig) -> None:
+        """Secrets from the configuration (bootstrap and SDS) into the store; those it no
+        longer has are removed (secrets set by others, e.g. the identity module, stay)."""
+        for name, secret in config.secrets:
+            self.secrets.set(name, secret)
+        names = {name for name, _ in config.secrets}
+        for name in self._config_secrets - names:
+            self.secrets.remove(name)
+        self._config_secrets = names
+
     def flush_logs(self) -> None:
         for rt in self.listeners.values():
-            for logger in rt.hcm.access_logs:
+            loggers = {id(lg): lg for c in rt.chains for lg in c.hcm.access_logs}
+            for logger in loggers.values():
                 logger.flush()
 
     def drain(self) -> None:

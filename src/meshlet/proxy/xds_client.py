@@ -6,17 +6,20 @@ memory budget keeps it off the static proxy's path). It runs on the proxy's own 
 The protocol (Envoy's SotW ADS, as meshlet's server and grpcio's client speak it):
 
 * On each new stream: LDS and CDS wildcards (empty names; ``node`` on the first request), then
-  RDS for the route names that listeners use and EDS for the assignments that EDS clusters
-  need, each with the version last accepted.
+  RDS for the route names that listeners use, EDS for the assignments that EDS clusters need
+  and SDS for the secrets (``Secret``) that listeners' and clusters' TLS contexts name,
+  each with the version last accepted. Accepted secrets go to the proxy's ``SecretStore`` (through
+  ``ProxyConfig.secrets``); one that cannot be used is NACKed.
 * A response is compiled with the same compilers as a bootstrap file (``AdsTables``: pure, no
   I/O). A resource that fails (any ``ConfigError``) keeps the version accepted before, if any,
   and makes the response a NACK with every problem in ``error_detail``; as in Envoy, the
   response's valid resources are taken. Then a whole new ``ProxyConfig`` is built and applied
   (``Worker.apply``: compile everything, then swap), and only then ACKed; an apply that fails
   (a port that cannot be bound) is NACKed and changes nothing.
-* LDS and CDS responses carry every resource (a missing one is removed); RDS and EDS
+* LDS and CDS responses carry every resource (a missing one is removed); RDS, EDS and SDS
   responses update the resources they carry. A listener waits for its RouteConfiguration and
-  an EDS cluster for its ClusterLoadAssignment (Envoy's warming); meanwhile the version in
+  an EDS cluster for its ClusterLoadAssignment (Envoy's warming; not for its secrets: until
+  they come, its TLS connections fail); meanwhile the version in
   force before stays, and nothing else waits. A listener already serving also keeps its
   routes until the clusters its new routes name have their endpoints (make before break).
 * ``/ready`` goes LIVE once the first complete configuration is applied, or once the routes
@@ -44,6 +47,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -53,6 +57,7 @@ from meshlet.errors import ConfigError, Problem, ProblemList
 from meshlet.proxy.config import DynamicResource, DynamicResources, ProxyConfig
 from meshlet.proxy.listener import ListenerConfig, compile_listener
 from meshlet.proxy.routing import compile_route_config
+from meshlet.proxy.secrets import SECRET_TYPE, Secret, compile_secret
 from meshlet.proxy.upstream.cluster import ClusterConfig, compile_cla, compile_cluster
 
 log = logging.getLogger("meshlet.xds")
@@ -67,8 +72,15 @@ _MESSAGES: Mapping[str, type[Message]] = {
     ROUTE_TYPE: route_pb2.RouteConfiguration,
     CLUSTER_TYPE: cluster_pb2.Cluster,
     ENDPOINT_TYPE: endpoint_pb2.ClusterLoadAssignment,
+    SECRET_TYPE: secret_pb2.Secret,
 }
-_SHORT = {LISTENER_TYPE: "lds", ROUTE_TYPE: "rds", CLUSTER_TYPE: "cds", ENDPOINT_TYPE: "eds"}
+_SHORT = {
+    LISTENER_TYPE: "lds",
+    ROUTE_TYPE: "rds",
+    CLUSTER_TYPE: "cds",
+    ENDPOINT_TYPE: "eds",
+    SECRET_TYPE: "sds",
+}
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -113,13 +125,25 @@ class AdsTables:
     clusters: Mapping[str, Entry] = field(default_factory=dict)
     routes: Mapping[str, Entry] = field(default_factory=dict)
     assignments: Mapping[str, Entry] = field(default_factory=dict)
+    secrets: Mapping[str, Entry] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)  # type URL -> version accepted
     received: frozenset[str] = frozenset()  # type URLs that have had a response
 
     def route_names(self) -> list[str]:
         """The RouteConfigurations that listeners name (the RDS subscription)."""
-        names = {e.compiled.hcm.rds_route_name for e in self.listeners.values()}
+        names = {c.hcm.rds_route_name for e in self.listeners.values() for c in e.compiled.chains}
         return sorted(n for n in names if n)
+
+    def secret_names(self, base: ProxyConfig | None = None) -> list[str]:
+        """The SDS secrets that listeners and clusters (also the static ones) name."""
+        names: set[str] = set(base.secret_names()) if base is not None else set()
+        for e in self.listeners.values():
+            names |= e.compiled.secret_names()
+        for e in self.clusters.values():
+            names |= e.compiled.secret_names()
+        if base is not None:
+            names -= {n for n, _ in base.secrets}  # static secrets are not asked for
+        return sorted(names)
 
     def eds_names(self) -> list[str]:
         """The ClusterLoadAssignments that EDS clusters need (the EDS subscription)."""
@@ -174,12 +198,20 @@ class AdsTables:
             tables = replace(self, listeners=entries, versions=versions, received=received)
             wanted = set(tables.route_names())
             routes = {n: e for n, e in self.routes.items() if n in wanted}
-            return replace(tables, routes=routes), error
+            return replace(tables, routes=routes, secrets=tables._kept_secrets(base)), error
         if type_url == CLUSTER_TYPE:
             tables = replace(self, clusters=entries, versions=versions, received=received)
             wanted = set(tables.eds_names())
             assignments = {n: e for n, e in self.assignments.items() if n in wanted}
-            return replace(tables, assignments=assignments), error
+            return (
+                replace(tables, assignments=assignments, secrets=tables._kept_secrets(base)),
+                error,
+            )
+        if type_url == SECRET_TYPE:
+            wanted = set(self.secret_names(base))
+            merged = {**self.secrets, **entries}
+            secrets = {n: e for n, e in merged.items() if n in wanted}
+            return replace(self, secrets=secrets, versions=versions, received=received), error
         # RDS and EDS: a response updates what it carries; what nobody needs is dropped.
         if type_url == ROUTE_TYPE:
             wanted = set(self.route_names())
@@ -191,12 +223,17 @@ class AdsTables:
         tables = replace(self, assignments=assignments, versions=versions, received=received)
         return tables, error
 
+    def _kept_secrets(self, base: ProxyConfig) -> dict[str, Entry]:
+        wanted = set(self.secret_names(base))
+        return {n: e for n, e in self.secrets.items() if n in wanted}
+
     def _table(self, type_url: str) -> Mapping[str, Entry]:
         return {
             LISTENER_TYPE: self.listeners,
             CLUSTER_TYPE: self.clusters,
             ROUTE_TYPE: self.routes,
             ENDPOINT_TYPE: self.assignments,
+            SECRET_TYPE: self.secrets,
         }[type_url]
 
 
@@ -227,6 +264,11 @@ def _compile(type_url: str, name: str, proto: Any, base: ProxyConfig) -> Any:
         return compile_cluster(proto, path, eds=True)
     if type_url == ROUTE_TYPE:
         return compile_route_config(proto, f"route_config {name}")
+    if type_url == SECRET_TYPE:
+        path = f"secret {name}"
+        if any(n == name for n, _ in base.secrets):
+            raise ConfigError.at(path, "has the name of a static secret")
+        return compile_secret(proto, path)[1]
     return tuple(compile_cla(proto, f"cluster_load_assignment {name}"))
 
 
@@ -284,17 +326,26 @@ def build(
     listeners: dict[str, ListenerConfig] = {}
     for name, entry in tables.listeners.items():
         lc: ListenerConfig = entry.compiled
-        route_name = lc.hcm.rds_route_name
-        if route_name:
-            route = tables.routes.get(route_name)
-            if route is None:
-                complete = False
-                if name in previous_listeners:
-                    listeners[name] = previous_listeners[name]
-                continue
-            lc = replace(lc, hcm=replace(lc.hcm, route_table=route.compiled))
+        route_names = [c.hcm.rds_route_name for c in lc.chains if c.hcm.rds_route_name]
+        if any(n not in tables.routes for n in route_names):
+            complete = False
+            if name in previous_listeners:
+                listeners[name] = previous_listeners[name]
+            continue
+        if route_names:
+            lc = lc.with_hcms(
+                tuple(
+                    replace(c.hcm, route_table=tables.routes[c.hcm.rds_route_name].compiled)
+                    if c.hcm.rds_route_name
+                    else c.hcm
+                    for c in lc.chains
+                )
+            )
         previous = previous_listeners.get(name)
-        if previous is not None and lc.hcm.route_table.referenced_clusters() & warming:
+        referenced: set[str] = set()
+        for c in lc.chains:
+            referenced |= c.hcm.route_table.referenced_clusters()
+        if previous is not None and referenced & warming:
             # Make before break: routes to a cluster whose endpoints are on their way wait
             # for them, so no request meets a cluster that is not there yet (503 NC).
             complete = False
@@ -316,10 +367,16 @@ def build(
         listeners=dump(tables.listeners),
         clusters=dump(tables.clusters),
         routes=dump(tables.routes),
+        secrets=dump(tables.secrets),
         lds_version=tables.versions.get(LISTENER_TYPE, ""),
         cds_version=tables.versions.get(CLUSTER_TYPE, ""),
     )
-    config = base.with_dynamic(tuple(listeners.values()), tuple(clusters.values()), dynamic)
+    secrets: tuple[tuple[str, Secret], ...] = tuple(
+        (n, e.compiled) for n, e in sorted(tables.secrets.items())
+    )
+    config = base.with_dynamic(
+        tuple(listeners.values()), tuple(clusters.values()), dynamic, secrets
+    )
     return Built(config=config, complete=complete, listeners=listeners, clusters=clusters)
 
 
@@ -423,6 +480,7 @@ class XdsClient:
         for type_url, names in (
             (ROUTE_TYPE, self.tables.route_names()),
             (ENDPOINT_TYPE, self.tables.eds_names()),
+            (SECRET_TYPE, self.tables.secret_names(self.base)),
         ):
             self.subscribed[type_url] = names
             if names:
@@ -478,6 +536,7 @@ class XdsClient:
         for sub_type, wanted in (
             (ROUTE_TYPE, tables.route_names()),
             (ENDPOINT_TYPE, tables.eds_names()),
+            (SECRET_TYPE, tables.secret_names(self.base)),
         ):
             if wanted != self.subscribed.get(sub_type, []):
                 self.subscribed[sub_type] = wanted
@@ -496,9 +555,10 @@ class XdsClient:
         tables = self.tables
         missing: list[tuple[str, float | None]] = []
         for entry in tables.listeners.values():
-            hcm = entry.compiled.hcm
-            if hcm.rds_route_name and hcm.rds_route_name not in tables.routes:
-                missing.append((f"route {hcm.rds_route_name}", hcm.rds_fetch_timeout))
+            for chain in entry.compiled.chains:
+                hcm = chain.hcm
+                if hcm.rds_route_name and hcm.rds_route_name not in tables.routes:
+                    missing.append((f"route {hcm.rds_route_name}", hcm.rds_fetch_timeout))
         for entry in tables.clusters.values():
             cc = entry.compiled
             if cc.eds_service_name and cc.eds_service_name not in tables.assignments:

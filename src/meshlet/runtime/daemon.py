@@ -38,6 +38,12 @@ class MeshOptions:
     api_address: str = "127.0.0.1:15014"
     gateway_port: int | None = 8080
     images: tuple[Path, ...] = ()
+    #: Run the CA and give each sidecar a bootstrap token (``ControlOptions.ca``), and turn on
+    #: auto mTLS and PeerAuthentication (``ControlOptions.mtls``). Off by default for now.
+    ca: bool = False
+    mtls: bool = False
+    ca_address: str = "127.0.0.1:15012"
+    xds_tls_address: str = "127.0.0.1:15011"
 
 
 async def serve(options: MeshOptions, out: TextIO = sys.stdout) -> None:
@@ -60,6 +66,10 @@ async def serve(options: MeshOptions, out: TextIO = sys.stdout) -> None:
             state_dir=options.state_dir,
             xds_address=options.xds_address,
             api_address=options.api_address,
+            ca=options.ca,
+            mtls=options.mtls,
+            ca_address=options.ca_address,
+            xds_tls_address=options.xds_tls_address,
         ),
         out,
         routes={"GET /runtime": summary, "POST /runtime/shutdown": shutdown},
@@ -78,6 +88,12 @@ async def serve(options: MeshOptions, out: TextIO = sys.stdout) -> None:
                 xds_address=plane.ads.bound_address,
                 gateway_port=options.gateway_port,
                 images=options.images,
+                ca_address=plane.ca.bound_address if plane.ca is not None else "",
+                ca_root_path=(
+                    plane.ca.service.ca.directory / "root-cert.pem"
+                    if plane.ca is not None and plane.ca.service.ca.directory is not None
+                    else None
+                ),
             ),
         )
         await rt.start()

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshlet.control.registry import INBOUND_PORT_ANNOTATION
+from meshlet.control.ca import BootstrapTokens, write_token_file
+from meshlet.control.registry import INBOUND_PORT_ANNOTATION, TLS_MODE_LABEL
 from meshlet.control.store import Event, ObjectKey, Store
 from meshlet.errors import ConfigError
 from meshlet.runtime.forward import PortForward
@@ -62,7 +63,7 @@ from meshlet.runtime.pod import (
 )
 from meshlet.runtime.probe import ProbeSpec
 from meshlet.runtime.process import ProcessSpec
-from meshlet.runtime.sidecar import ADMIN_PORT, ProxyNode, proxy_bootstrap
+from meshlet.runtime.sidecar import ADMIN_PORT, CaSettings, ProxyNode, proxy_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 GATEWAY_TARGET_PORT = 8080  # the port Istio's ingress gateway serves HTTP on
 PROPAGATION_DELAY = 1.0  # seconds between a pod leaving the endpoints and its SIGTERM
 SIDECAR_PROBE_PERIOD = 0.5
+TOKEN_FILE = "istio-token"
+ROOT_FILE = "root-cert.pem"
+TOKEN_TTL = 3600.0  # as Kubernetes' projected tokens; rewritten every third of it
 
 
 def _nothing_listens(ip: str, port: int) -> bool:
@@ -94,6 +98,10 @@ class RuntimeOptions:
     gateway_port: int | None = 8080  # None: no ingress gateway
     images: tuple[Path, ...] = ()
     sidecar_log_level: str = "warning"
+    #: The control plane's CA (``host:port``); empty: sidecars get no workload certificate.
+    ca_address: str = ""
+    ca_root_path: Path | None = None  # the mesh root, copied into each pod's directory
+    trust_domain: str = "cluster.local"
 
 
 @dataclass(eq=False)
@@ -137,6 +145,12 @@ class Runtime:
         self._stopping = False
         self._background: set[asyncio.Task[Any]] = set()
         self._dirty: set[tuple[str, str]] = set()
+        # Bootstrap tokens for the pods' sidecars (the key is in the state dir, shared with
+        # the CA), and where each pod's token lives, to refresh it before it expires.
+        self.tokens = (
+            BootstrapTokens.load_or_create(options.state_dir) if options.ca_address else None
+        )
+        self._token_files: dict[Path, ProxyNode] = {}
 
     def __repr__(self) -> str:
         return f"<Runtime {len(self.pods)} pods>"
@@ -158,6 +172,10 @@ class Runtime:
             await self._start_gateway()
         self._task = loop.create_task(self._loop(), name="runtime reconcile")
         self._wake.set()
+        if self.tokens is not None:
+            task = loop.create_task(self._refresh_tokens(), name="token refresh")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
         """Stop every pod (applications first, then sidecars) and the gateway."""
@@ -276,6 +294,7 @@ class Runtime:
         name = pod_name(owner, hash_)
         labels = {**{str(k): str(v) for k, v in (meta.get("labels") or {}).items()}}
         labels[TEMPLATE_HASH_LABEL] = hash_
+        labels[TLS_MODE_LABEL] = "istio"  # every pod here has a sidecar (Istio's injector)
         account = str(
             pod_spec.get("serviceAccountName") or pod_spec.get("serviceAccount") or "default"
         )
@@ -401,10 +420,56 @@ class Runtime:
             name=name, process=process, readiness=probes["readiness"], liveness=probes["liveness"]
         )
 
+    def _ca_settings(self, node: ProxyNode, directory: Path) -> CaSettings | None:
+        """Write the pod's token (0600, this user only: the pod's processes) and the mesh
+        root next to its bootstrap; the settings the sidecar reads them by."""
+        options = self.options
+        if self.tokens is None or not options.ca_address:
+            return None
+        token_path = directory / TOKEN_FILE
+        self._write_token(token_path, node)
+        self._token_files[token_path] = node
+        root_path = directory / ROOT_FILE
+        if options.ca_root_path is not None:
+            root_path.write_bytes(options.ca_root_path.read_bytes())
+        return CaSettings(
+            address=options.ca_address,
+            token_path=str(token_path.resolve()),
+            root_path=str(root_path.resolve()),
+            trust_domain=options.trust_domain,
+        )
+
+    def _write_token(self, path: Path, node: ProxyNode) -> None:
+        assert self.tokens is not None
+        token = self.tokens.issue(
+            namespace=node.namespace,
+            service_account=node.service_account,
+            pod=node.pod,
+            ttl=TOKEN_TTL,
+        )
+        write_token_file(path, token)
+
+    async def _refresh_tokens(self) -> None:
+        """Rewrite every pod's token a third of the way through its life (as the kubelet
+        refreshes projected tokens), so a sidecar renewing its certificate always has one."""
+        while True:
+            await asyncio.sleep(TOKEN_TTL / 3)
+            for path, node in list(self._token_files.items()):
+                if not path.parent.exists():
+                    self._token_files.pop(path, None)
+                    continue
+                try:
+                    self._write_token(path, node)
+                except OSError:
+                    log.exception("cannot refresh the token of %s/%s", node.namespace, node.pod)
+
     def _sidecar(self, node: ProxyNode, directory: Path) -> ContainerSpec:
         directory.mkdir(parents=True, exist_ok=True)
         bootstrap = directory / "envoy-bootstrap.json"
-        bootstrap.write_text(json.dumps(proxy_bootstrap(node, self.options.xds_address), indent=1))
+        ca = self._ca_settings(node, directory)
+        bootstrap.write_text(
+            json.dumps(proxy_bootstrap(node, self.options.xds_address, ca), indent=1)
+        )
         bootstrap.chmod(0o600)
         process = ProcessSpec(
             name=SIDECAR_NAME,

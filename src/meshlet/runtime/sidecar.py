@@ -42,9 +42,31 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def proxy_bootstrap(node: ProxyNode, xds_address: str) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaSettings:
+    """Where a sidecar gets its certificate (node metadata ``CA_ADDRESS``, ``CA_TOKEN_PATH``,
+    ``CA_ROOT_PATH``, ``TRUST_DOMAIN``, read by ``meshlet.proxy.identity``)."""
+
+    address: str
+    token_path: str
+    root_path: str
+    trust_domain: str = "cluster.local"
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "CA_ADDRESS": self.address,
+            "CA_TOKEN_PATH": self.token_path,
+            "CA_ROOT_PATH": self.root_path,
+            "TRUST_DOMAIN": self.trust_domain,
+        }
+
+
+def proxy_bootstrap(
+    node: ProxyNode, xds_address: str, ca: CaSettings | None = None
+) -> dict[str, Any]:
     """The Envoy v3 bootstrap (as JSON-able data) of ``node``'s proxy, dynamic over ADS from
-    the control plane at ``xds_address`` (``host:port``)."""
+    the control plane at ``xds_address`` (``host:port``); with ``ca``, the node metadata says
+    where to get a workload certificate."""
     xds_host, _, xds_port = xds_address.rpartition(":")
     return {
         "node": {
@@ -57,6 +79,7 @@ def proxy_bootstrap(node: ProxyNode, xds_address: str) -> dict[str, Any]:
                 "POD_NAME": node.pod,
                 "LABELS": dict(node.labels),
                 "INSTANCE_IPS": node.ip,
+                **(ca.metadata() if ca is not None else {}),
             },
         },
         "admin": {"address": _address(node.ip, ADMIN_PORT)},

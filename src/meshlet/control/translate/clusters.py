@@ -37,6 +37,7 @@ from envoy.config.core.v3 import (
     protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -52,6 +53,7 @@ from meshlet.api.networking import (
     Resolution,
     SimpleLB,
 )
+from meshlet.api.security import MTLSMode
 from meshlet.control.snapshot import (
     OutboundCluster,
     Proxy,
@@ -63,6 +65,7 @@ from meshlet.control.snapshot import (
     parse_cluster_name,
 )
 from meshlet.control.translate.endpoints import load_assignment
+from meshlet.control.translate.peer_authn import infer_service_mode
 
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
@@ -133,7 +136,43 @@ def build_outbound_cluster(c: OutboundCluster, view: ProxyView) -> cluster_pb2.C
     socket = upstream_tls(policy.tls, c, view)
     if socket is not None:
         cluster.transport_socket.CopyFrom(socket)
+    elif policy.tls is None and _auto_mtls(c, view):
+        _transport_socket_matches(cluster, upstream_tls(_ISTIO_MUTUAL, c, view))
     return cluster
+
+
+_ISTIO_MUTUAL = ClientTLSSettings(mode=ClientTLSMode.ISTIO_MUTUAL)
+TLS_MODE_MATCH = "envoy.transport_socket_match"
+
+
+def _auto_mtls(c: OutboundCluster, view: ProxyView) -> bool:
+    """Istio's auto mTLS applies: mesh setting on, no DR tls, a mesh-internal service that is
+    not passthrough, whose inferred mode (namespace or mesh PeerAuthentication) is not
+    DISABLE (``cluster_tls.go``, ``BestEffortInferServiceMTLSMode``)."""
+    if not view.mesh.enable_auto_mtls or c.service.mesh_external or c.passthrough:
+        return False
+    mode = infer_service_mode(
+        view.snapshot.peer_authentications,
+        namespace=c.service.namespace,
+        root_namespace=view.mesh.root_namespace,
+    )
+    return mode is not MTLSMode.DISABLE
+
+
+def _transport_socket_matches(
+    cluster: cluster_pb2.Cluster, tls: base_pb2.TransportSocket | None
+) -> None:
+    """``tlsMode-istio`` (endpoints labelled ``tlsMode: istio``: the ISTIO_MUTUAL socket),
+    then ``tlsMode-disabled`` (everything else: plaintext)."""
+    if tls is None:
+        return
+    istio = cluster.transport_socket_matches.add(name="tlsMode-istio")
+    istio.match.update({"tlsMode": "istio"})
+    istio.transport_socket.CopyFrom(tls)
+    plain = cluster.transport_socket_matches.add(name="tlsMode-disabled")
+    plain.match.SetInParent()
+    plain.transport_socket.name = "envoy.transport_sockets.raw_buffer"
+    plain.transport_socket.typed_config.Pack(raw_buffer_pb2.RawBuffer())
 
 
 def build_inbound_clusters(view: ProxyView) -> list[cluster_pb2.Cluster]:
@@ -371,7 +410,7 @@ def upstream_tls(
     tls: ClientTLSSettings | None, c: OutboundCluster, view: ProxyView
 ) -> base_pb2.TransportSocket | None:
     """The DestinationRule's client TLS as Istio builds it (``cluster_tls.go``); None for
-    DISABLE or no setting (auto mTLS is off until meshlet has certificates)."""
+    DISABLE or no setting (auto mTLS, when on, is added by ``build_outbound_cluster``)."""
     if tls is None or tls.mode is ClientTLSMode.DISABLE:
         return None
     context = tls_pb2.UpstreamTlsContext()

@@ -54,6 +54,7 @@ def load_assignment(
         proxy_locality=view.proxy.locality if failover else "",
         cache=view.snapshot.memo,
         direct=direct,
+        mtls=view.mesh.enable_auto_mtls,
     )
 
 
@@ -64,6 +65,7 @@ def cluster_load_assignment(
     proxy_locality: str = "",
     cache: dict[Any, Any] | None = None,
     direct: bool = False,
+    mtls: bool = False,
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints grouped by locality, weights set on every group and endpoint.
 
@@ -96,17 +98,19 @@ def cluster_load_assignment(
         members = groups[locality]
         protos = []
         for e in members:
-            key = ("lb_endpoint", id(e), direct)
+            key = ("lb_endpoint", id(e), direct, mtls)
             proto = cache.get(key)
             if proto is None:
-                proto = cache[key] = _lb_endpoint(e, direct)
+                proto = cache[key] = _lb_endpoint(e, direct, mtls)
             protos.append(proto)
         group.lb_endpoints.extend(protos)
         group.load_balancing_weight.value = sum(e.weight or 1 for e in members)
     return cla
 
 
-def _lb_endpoint(e: Endpoint, direct: bool) -> endpoint_components_pb2.LbEndpoint:
+def _lb_endpoint(
+    e: Endpoint, direct: bool, mtls: bool = False
+) -> endpoint_components_pb2.LbEndpoint:
     lbe = endpoint_components_pb2.LbEndpoint(health_status=_HEALTHY)
     sa = lbe.endpoint.address.socket_address
     sa.address = e.address
@@ -114,6 +118,8 @@ def _lb_endpoint(e: Endpoint, direct: bool) -> endpoint_components_pb2.LbEndpoin
     lbe.load_balancing_weight.value = e.weight or 1
     if e.workload:
         lbe.metadata.filter_metadata["istio"].update({"workload": _workload(e)})
+    if mtls and e.tls_mode == "istio":  # the endpoint has a sidecar: auto mTLS picks TLS
+        lbe.metadata.filter_metadata["envoy.transport_socket_match"].update({"tlsMode": "istio"})
     return lbe
 
 

@@ -16,8 +16,10 @@ SNI, with Istio's SDS secret names (``kubernetes://<credentialName>``, or
 
 Istio serves route configurations over RDS and captures traffic transparently; meshlet's
 proxy reads an inline ``route_config`` and is an explicit proxy today, hence these shapes.
-The HCM carries the fault filter always, the CORS filter when a route uses it, and the
-router last, with its typed config (grpcio's xDS client refuses a router without it).
+Inbound and gateway HCMs start with the RBAC filters of the AuthorizationPolicies that
+apply (``authz``). The HCM carries the fault filter always, the CORS filter when a route uses
+it, and the router last, with its typed config (grpcio's xDS client refuses a router without
+it).
 Istio HCM settings the proxy does not have (``normalize_path``, websocket upgrades, tracing,
 request-id extension, client certificate details) are left out.
 """
@@ -38,6 +40,7 @@ from google.protobuf import any_pb2, duration_pb2
 
 from meshlet.api.networking import ServerTLSMode, ServerTLSSettings
 from meshlet.control.snapshot import GatewayConfig, Proxy, ProxyType, ProxyView, Snapshot
+from meshlet.control.translate.authz import authz_filters
 from meshlet.control.translate.clusters import TRANSPORT_SOCKET_TLS, sds_secret
 from meshlet.control.translate.routes import (
     CORS_FILTER,
@@ -77,6 +80,7 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
     hcm = http_connection_manager(
         f"inbound_{ip}_{INBOUND_PORT}", inbound_route_config(view), inbound=True
     )
+    prepend_filters(hcm, authz_filters(view))
     return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
 
 
@@ -102,6 +106,7 @@ def gateway_listeners(view: ProxyView) -> list[listener_pb2.Listener]:
         hcm = http_connection_manager(f"outbound_0.0.0.0_{port}", configs[port], inbound=False)
         hcm.use_remote_address.value = True
         hcm.server_name = SERVER_NAME
+        prepend_filters(hcm, authz_filters(view))
         chains: list[listener_components_pb2.FilterChain] = []
         for gw, hosts, tls in tls_servers.get(port, ()):
             chain = _chain(hcm)
@@ -136,6 +141,14 @@ def http_connection_manager(
         hcm.http_filters.append(_filter(CORS_FILTER, cors_pb2.Cors()))
     hcm.http_filters.append(_filter(ROUTER_FILTER, router_pb2.Router()))
     return hcm
+
+
+def prepend_filters(hcm: hcm_pb2.HttpConnectionManager, filters: list[hcm_pb2.HttpFilter]) -> None:
+    """Put ``filters`` (AuthorizationPolicy's RBAC filters) before the HCM's own."""
+    if filters:
+        rest = list(hcm.http_filters)
+        del hcm.http_filters[:]
+        hcm.http_filters.extend([*filters, *rest])
 
 
 def downstream_tls(tls: ServerTLSSettings, gw: GatewayConfig) -> base_pb2.TransportSocket:

@@ -77,6 +77,9 @@ class ProxyInfo:
     instance_ips: tuple[str, ...] = ()
     user_agent: str = ""
     generator: str = ""
+    #: The SPIFFE id of the stream's client certificate (ADS over mTLS), else empty: what the
+    #: peer proved, as opposed to what its node claims.
+    peer_identity: str = ""
 
     @property
     def proxyless_grpc(self) -> bool:

@@ -25,6 +25,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import grpc  # type: ignore[import-untyped,unused-ignore]
@@ -78,10 +79,20 @@ class XdsServerError(MeshletError):
 class _Stream:
     """One ADS stream: its ``Connection`` and what wakes its sender."""
 
-    __slots__ = ("closed", "conn", "error", "pacer", "registered", "unknown_logged", "wake")
+    __slots__ = (
+        "closed",
+        "conn",
+        "error",
+        "pacer",
+        "peer",
+        "registered",
+        "unknown_logged",
+        "wake",
+    )
 
-    def __init__(self, conn: Connection, limits: Limits) -> None:
+    def __init__(self, conn: Connection, limits: Limits, peer: str = "") -> None:
         self.conn = conn
+        self.peer = peer  # the client certificate's SPIFFE id (ADS over mTLS), else empty
         self.pacer = Pacer(
             burst=limits.send_rounds_burst,
             per_second=limits.send_rounds_per_second,
@@ -208,13 +219,23 @@ class AdsServer:
 
     # -- one stream -------------------------------------------------------------------------
 
-    async def _serve_stream(self, requests: AsyncIterator[Any], context: Any) -> None:
+    def add_to_server(self, server: Any, peer_identity: Any = None) -> None:
+        """Serve ADS on another grpc.aio ``server`` too (the control plane's TLS port), its
+        streams pushed like this server's. ``peer_identity(context)`` gives a stream's proven
+        SPIFFE id, or raises ``RequestError`` to refuse it."""
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+            _Servicer(self, peer_identity), server
+        )
+
+    async def _serve_stream(
+        self, requests: AsyncIterator[Any], context: Any, peer: str = ""
+    ) -> None:
         """Serve one ADS stream until the proxy goes away or sends what ends it."""
         number = next(self._numbers)
         conn = Connection(
             number, types=self.generators, limits=self.limits, nonce_prefix=self._nonce_prefix
         )
-        stream = _Stream(conn, self.limits)
+        stream = _Stream(conn, self.limits, peer)
         self._streams[number] = stream
         reader = asyncio.create_task(self._read(stream, requests))
         try:
@@ -263,6 +284,14 @@ class AdsServer:
             stream.wake.set()
             return
         if not stream.registered:
+            if stream.peer and conn.proxy is not None:
+                error = _check_peer(conn.proxy, stream.peer)
+                if error is not None:
+                    log.warning("refusing ADS stream %s: %s", conn.id, error.message)
+                    stream.error = error
+                    stream.wake.set()
+                    return
+                conn.proxy = replace(conn.proxy, peer_identity=stream.peer)
             stream.registered = True
             self.metrics.connected += 1
             proxy = conn.proxy
@@ -331,16 +360,39 @@ class AdsServer:
             self.metrics.convergence.observe(time.monotonic() - push.start)
 
 
+def _check_peer(proxy: Any, peer: str) -> RequestError | None:
+    """A stream over mTLS must be the identity its certificate proves: its node's namespace
+    and service account are those of ``peer`` (``spiffe://<td>/ns/<ns>/sa/<sa>``)."""
+    parts = peer.split("/")
+    if len(parts) < 7 or parts[3] != "ns" or parts[5] != "sa":
+        return RequestError("PERMISSION_DENIED", f"client certificate {peer!r} is not SPIFFE")
+    namespace, account = parts[4], parts[6]
+    if proxy.namespace != namespace or (proxy.service_account or "default") != account:
+        return RequestError(
+            "PERMISSION_DENIED",
+            f"node {proxy.id} (namespace {proxy.namespace!r}, service account"
+            f" {proxy.service_account!r}) is not the client certificate's identity {peer}",
+        )
+    return None
+
+
 class _Servicer:
     """The gRPC face of ``AdsServer`` (``AggregatedDiscoveryService``)."""
 
-    def __init__(self, server: AdsServer) -> None:
+    def __init__(self, server: AdsServer, peer_identity: Any = None) -> None:
         self._server = server
+        self._peer_identity = peer_identity
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> None:
-        await self._server._serve_stream(request_iterator, context)
+        peer = ""
+        if self._peer_identity is not None:
+            try:
+                peer = self._peer_identity(context)
+            except RequestError as e:
+                await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        await self._server._serve_stream(request_iterator, context, peer)
 
     async def DeltaAggregatedResources(
         self, request_iterator: AsyncIterator[Any], context: Any

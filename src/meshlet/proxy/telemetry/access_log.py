@@ -256,7 +256,7 @@ def _absent(info: StreamInfo) -> None:
 
 
 # Operators without an argument: name -> provider. Some facts meshlet does not track yet
-# (TLS, upstream local address, termination details) are absent, which renders "-" as Envoy
+# (upstream local address and TLS, termination details) are absent, which renders "-" as Envoy
 # renders them when they are unset.
 _SIMPLE: Final[dict[str, Provider]] = {
     "PROTOCOL": _protocol,
@@ -276,7 +276,27 @@ _SIMPLE: Final[dict[str, Provider]] = {
     "UPSTREAM_LOCAL_ADDRESS": _absent,
     "UPSTREAM_TRANSPORT_FAILURE_REASON": _absent,
     "CONNECTION_TERMINATION_DETAILS": _absent,
-    "REQUESTED_SERVER_NAME": _absent,
+    "REQUESTED_SERVER_NAME": lambda info: (
+        info.downstream_tls.sni or None if info.downstream_tls else None
+    ),
+    "DOWNSTREAM_PEER_URI_SAN": lambda info: (
+        ",".join(info.downstream_tls.peer_uri_sans) or None if info.downstream_tls else None
+    ),
+    "DOWNSTREAM_LOCAL_URI_SAN": lambda info: (
+        ",".join(info.downstream_tls.local_uri_sans) or None if info.downstream_tls else None
+    ),
+    "DOWNSTREAM_PEER_DNS_SAN": lambda info: (
+        ",".join(info.downstream_tls.peer_dns_sans) or None if info.downstream_tls else None
+    ),
+    "DOWNSTREAM_PEER_SUBJECT": lambda info: (
+        info.downstream_tls.peer_subject or None if info.downstream_tls else None
+    ),
+    "DOWNSTREAM_PEER_FINGERPRINT_256": lambda info: (
+        info.downstream_tls.peer_cert_sha256 or None if info.downstream_tls else None
+    ),
+    "DOWNSTREAM_TLS_VERSION": lambda info: (
+        info.downstream_tls.version or None if info.downstream_tls else None
+    ),
     "ROUTE_NAME": lambda info: info.route_name or None,
     "DOWNSTREAM_REMOTE_ADDRESS": lambda info: info.downstream_remote or None,
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda info: (

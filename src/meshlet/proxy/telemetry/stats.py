@@ -246,8 +246,9 @@ class ClusterStats:
 class HttpStats:
     """Envoy's ``http.<stat_prefix>.*`` stats of one HTTP connection manager.
 
-    Includes the router's (``no_route``, ``rq_redirect``, ...) and the fault filter's
-    (``fault.delays_injected``, ...) stats, which Envoy keeps under the same prefix.
+    Includes the router's (``no_route``, ``rq_redirect``, ...), the fault filter's
+    (``fault.delays_injected``, ...) and the RBAC filters' (``rbac.allowed``, ...) stats, which
+    Envoy keeps under the same prefix.
     """
 
     downstream_cx_total: int = _counter()
@@ -286,6 +287,10 @@ class HttpStats:
     delays_injected: int = _counter("fault.delays_injected")
     aborts_injected: int = _counter("fault.aborts_injected")
     faults_overflow: int = _counter("fault.faults_overflow")
+    rbac_allowed: int = _counter("rbac.allowed")
+    rbac_denied: int = _counter("rbac.denied")
+    rbac_shadow_allowed: int = _counter("rbac.shadow_allowed")
+    rbac_shadow_denied: int = _counter("rbac.shadow_denied")
     downstream_cx_active: int = _gauge()
     downstream_cx_http1_active: int = _gauge()
     downstream_rq_active: int = _gauge()
@@ -486,18 +491,20 @@ class IstioMetrics:
     """``istio_requests_total`` and the three request histograms, labelled as Istio does.
 
     The local proxy is the source for ``reporter="source"`` (outbound) and the destination for
-    ``reporter="destination"`` (inbound); the peer is ``unknown`` (no peer metadata exchange
-    yet). Connections are plaintext, so principals are ``unknown`` and
-    ``connection_security_policy`` is ``unknown`` (source) or ``none`` (destination), as Istio
-    reports them without mTLS.
+    ``reporter="destination"`` (inbound); the peer's workload is ``unknown`` (no peer metadata
+    exchange yet). On the destination side, a mutual TLS connection gives
+    ``connection_security_policy="mutual_tls"``, the peer's URI SAN as ``source_principal`` and
+    the local principal as ``destination_principal``; plaintext gives ``none`` and ``unknown``
+    principals. The source side reports ``unknown``, as Istio's does.
     """
 
     __slots__ = ("_series", "node")
 
     def __init__(self, node: NodeInfo) -> None:
         self.node = node
-        # (reporter, destination_service, destination_cluster, code, flags) -> series
-        self._series: dict[tuple[str, str, str, int, str], _IstioSeries] = {}
+        # (reporter, destination_service, destination_cluster, code, flags, mTLS peer
+        # principal or "" for plaintext) -> series
+        self._series: dict[tuple[str, str, str, int, str, str], _IstioSeries] = {}
 
     def __repr__(self) -> str:
         return f"<IstioMetrics {self.node.workload}.{self.node.namespace} [{len(self._series)}]>"
@@ -515,8 +522,11 @@ class IstioMetrics:
         ``destination_cluster`` is Istio's cluster id of the destination; empty means the
         local cluster id for ``destination`` and ``unknown`` for ``source``.
         """
+        tls = info.downstream_tls
+        mtls = tls is not None and tls.mutual and reporter == "destination"
+        peer = (tls.peer_principal or UNKNOWN) if mtls and tls is not None else ""
         key = (reporter, destination_service, destination_cluster, info.response_code,
-               info.flags_str)  # fmt: skip
+               info.flags_str, peer)  # fmt: skip
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = _IstioSeries(self._labels(*key))
@@ -526,17 +536,18 @@ class IstioMetrics:
         series.response_bytes.record(info.bytes_sent)
 
     def _labels(
-        self, reporter: str, service: str, cluster: str, code: int, flags: str
+        self, reporter: str, service: str, cluster: str, code: int, flags: str, mtls_peer: str
     ) -> tuple[str, ...]:
         n = self.node
-        local = (n.workload, n.canonical_service, n.canonical_revision, n.namespace, UNKNOWN,
-                 n.app, n.version)  # fmt: skip
-        peer = (UNKNOWN,) * 7
+        local_principal = n.principal if mtls_peer else UNKNOWN
+        local = (n.workload, n.canonical_service, n.canonical_revision, n.namespace,
+                 local_principal, n.app, n.version)  # fmt: skip
+        peer = (UNKNOWN,) * 4 + (mtls_peer or UNKNOWN,) + (UNKNOWN,) * 2
         if reporter == "source":
             src, dst, security = local, peer, UNKNOWN
             src_cluster, dst_cluster = n.cluster_id, cluster or UNKNOWN
         elif reporter == "destination":
-            src, dst, security = peer, local, "none"
+            src, dst, security = peer, local, "mutual_tls" if mtls_peer else "none"
             src_cluster, dst_cluster = UNKNOWN, cluster or n.cluster_id
         else:
             raise ValueError(f"reporter must be 'source' or 'destination', not {reporter!r}")

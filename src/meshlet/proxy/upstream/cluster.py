@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from google.protobuf import struct_pb2
 
 from meshlet.errors import ConfigError, ProblemList
 from meshlet.proxy.fields import (
@@ -41,6 +42,7 @@ from meshlet.proxy.fields import (
     uint_field,
 )
 from meshlet.proxy.telemetry.stats import ClusterStats, StatsStore
+from meshlet.proxy.tls import TlsConfig, TlsContexts, compile_transport_socket
 from meshlet.proxy.upstream.health import (
     Check,
     HealthCheckConfig,
@@ -93,7 +95,10 @@ _CLUSTER_FIELDS = {
     "original_dst_lb_config",
     "cleanup_interval",
     "upstream_bind_config",
+    "transport_socket",
+    "transport_socket_matches",
 }
+SOCKET_MATCH_KEY = "envoy.transport_socket_match"  # endpoint filter_metadata key (Istio's)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +120,19 @@ class EndpointConfig:
     hostname: str
     locality: tuple[str, str, str]
     healthy: bool
+    # filter_metadata["envoy.transport_socket_match"], flattened: what transport_socket_matches
+    # compare (Istio: tlsMode=istio for endpoints with a sidecar)
+    socket_match: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketMatch:
+    """One ``transport_socket_matches`` entry: endpoints whose socket-match metadata holds
+    every pair of ``match`` use ``tls`` (None: plaintext)."""
+
+    name: str
+    match: tuple[tuple[str, str], ...]
+    tls: TlsConfig | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +156,20 @@ class ClusterConfig:
     original_dst_header: bytes | None = None  # ORIGINAL_DST: the header naming the destination
     cleanup_interval: float = 5.0  # ORIGINAL_DST: how often unused hosts are dropped
     source_address: str | None = None  # upstream_bind_config: the local address to bind
+    transport_socket: TlsConfig | None = None  # None: plaintext
+    transport_socket_matches: tuple[SocketMatch, ...] = ()
+
+    def transport_for(self, socket_match: tuple[tuple[str, str], ...]) -> TlsConfig | None:
+        """The TLS config for an endpoint with this metadata (Envoy: the first matching
+        ``transport_socket_matches`` entry, else ``transport_socket``)."""
+        for entry in self.transport_socket_matches:
+            if all(pair in socket_match for pair in entry.match):
+                return entry.tls
+        return self.transport_socket
+
+    def secret_names(self) -> frozenset[str]:
+        tls = [self.transport_socket, *(m.tls for m in self.transport_socket_matches)]
+        return frozenset(n for t in tls if t is not None for n in t.secret_names())
 
 
 def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False) -> ClusterConfig:
@@ -234,6 +266,18 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
         )
         idle_timeout = duration_field(opts, "idle_timeout", 3600.0) or None
         max_requests = uint_field(opts, "max_requests_per_connection", max_requests)
+    transport: list[TlsConfig | None] = [None]
+    if proto.HasField("transport_socket"):
+
+        def _transport() -> None:
+            transport[0] = compile_transport_socket(
+                proto.transport_socket, join(path, "transport_socket"), upstream=True
+            )
+
+        attempt(_transport)
+    matches: list[SocketMatch] = []
+    for i, tsm in enumerate(proto.transport_socket_matches):
+        attempt(lambda tsm=tsm, i=i: matches.append(_compile_socket_match(tsm, path, i)))
     if discovery == "LOGICAL_DNS" and len(endpoints) != 1:
         problems.add(
             join(path, "load_assignment"), "LOGICAL_DNS clusters need exactly one endpoint"
@@ -260,7 +304,38 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
         original_dst_header=original_dst[0],
         cleanup_interval=duration_field(proto, "cleanup_interval", 5.0) or 5.0,
         source_address=source[0],
+        transport_socket=transport[0],
+        transport_socket_matches=tuple(matches),
     )
+
+
+def _compile_socket_match(tsm: object, path: str, index: int) -> SocketMatch:
+    assert isinstance(tsm, cluster_pb2.Cluster.TransportSocketMatch)
+    mpath = join(path, f"transport_socket_matches[{index}]")
+    check_fields(tsm, mpath, {"name", "match", "transport_socket"})
+    tls = None
+    if tsm.HasField("transport_socket"):
+        tls = compile_transport_socket(
+            tsm.transport_socket, join(mpath, "transport_socket"), upstream=True
+        )
+    return SocketMatch(name=tsm.name, match=_flatten(tsm.match), tls=tls)
+
+
+def _flatten(struct: struct_pb2.Struct) -> tuple[tuple[str, str], ...]:
+    """A Struct's top-level fields as sorted (key, value) strings, for subset comparison."""
+    out = []
+    for key, value in struct.fields.items():
+        kind = value.WhichOneof("kind")
+        if kind == "string_value":
+            text = value.string_value
+        elif kind == "bool_value":
+            text = "true" if value.bool_value else "false"
+        elif kind == "number_value":
+            text = repr(value.number_value)
+        else:
+            text = value.SerializeToString().hex()
+        out.append((key, text))
+    return tuple(sorted(out))
 
 
 def _compile_original_dst(proto: cluster_pb2.Cluster, path: str) -> bytes | None:
@@ -366,6 +441,11 @@ def _compile_endpoint(
         raise ConfigError.at(join(path, "load_balancing_weight"), "must be at least 1")
     # EDS health: UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic (Envoy's rule).
     healthy = lbe.health_status in (0, 1)
+    socket_match: tuple[tuple[str, str], ...] = ()
+    if lbe.HasField("metadata"):
+        check_fields(lbe.metadata, join(path, "metadata"), {"filter_metadata"})
+        if SOCKET_MATCH_KEY in lbe.metadata.filter_metadata:
+            socket_match = _flatten(lbe.metadata.filter_metadata[SOCKET_MATCH_KEY])
     return EndpointConfig(
         address=sa.address,
         port=sa.port_value,
@@ -374,6 +454,7 @@ def _compile_endpoint(
         hostname=ep.hostname,
         locality=locality,
         healthy=healthy,
+        socket_match=socket_match,
     )
 
 
@@ -404,8 +485,15 @@ def _compile_thresholds(cb: object, path: str) -> Thresholds:
 class Cluster:
     """The live state of one cluster in this worker."""
 
-    def __init__(self, config: ClusterConfig, stats: ClusterStats, rng: random.Random) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        stats: ClusterStats,
+        rng: random.Random,
+        tls_contexts: TlsContexts | None = None,
+    ) -> None:
         self.config = config
+        self.tls_contexts = tls_contexts
         self.name = config.name
         self.limits = config.limits
         self.stats = stats
@@ -480,9 +568,13 @@ class Cluster:
         self.stats.membership_total = self.stats.membership_healthy = len(self._original_hosts)
 
     def pool(self, host: Host) -> HostPool:
+        """The host's pool. A host's transport (TLS or not) follows from its metadata, which
+        a host keeps for life, so one pool per host is one pool per (host, transport)."""
         pool = self.pools.get(host)
         if pool is None:
-            pool = self.pools[host] = HostPool(self, host)
+            pool = self.pools[host] = HostPool(
+                self, host, self.config.transport_for(host.socket_match)
+            )
         return pool
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -650,6 +742,7 @@ def _host(ep: EndpointConfig, address: str) -> Host:
         priority=ep.priority,
         hostname=ep.hostname or (ep.address if ep.address != address else ""),
         locality=ep.locality,
+        socket_match=ep.socket_match,
     )
     if not ep.healthy:
         host.failed_active_hc = True
@@ -672,6 +765,7 @@ class ClusterManager:
     def __init__(self, stats: StatsStore, rng: random.Random | None = None) -> None:
         self._stats = stats
         self._rng = rng or random.Random()
+        self._tls_contexts: TlsContexts | None = None
         self.clusters: dict[str, Cluster] = {}
 
     def __repr__(self) -> str:
@@ -680,8 +774,12 @@ class ClusterManager:
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
 
-    def apply(self, configs: Iterable[ClusterConfig]) -> None:
+    def apply(
+        self, configs: Iterable[ClusterConfig], tls_contexts: TlsContexts | None = None
+    ) -> None:
         """Install a new set of clusters, keeping the live state of unchanged ones."""
+        if tls_contexts is not None:
+            self._tls_contexts = tls_contexts
         new: dict[str, Cluster] = {}
         for config in configs:
             old = self.clusters.get(config.name)
@@ -691,7 +789,9 @@ class ClusterManager:
                 old.update_endpoints(config)
                 new[config.name] = old
             else:
-                cluster = Cluster(config, self._stats.cluster(config.name), self._rng)
+                cluster = Cluster(
+                    config, self._stats.cluster(config.name), self._rng, self._tls_contexts
+                )
                 new[config.name] = cluster
                 cluster.start()
         for name, old in self.clusters.items():

@@ -29,6 +29,7 @@ class Host:
         "rq_success",
         "rq_timeout",
         "rq_total",
+        "socket_match",
         "weight",
     )
 
@@ -41,7 +42,9 @@ class Host:
         priority: int = 0,
         hostname: str = "",
         locality: tuple[str, str, str] = ("", "", ""),
+        socket_match: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        self.socket_match = socket_match  # endpoint metadata for transport_socket_matches
         self.address = address
         self.port = port
         self.weight = weight

@@ -11,6 +11,11 @@ and after ``max_requests_per_connection`` requests.
 
 The pool decides synchronously and hands connections to ``PoolWaiter`` callbacks; only opening
 a connection needs a task (``loop.create_connection``).
+
+A pool whose host is reached over TLS (the cluster's ``transport_socket`` or the
+``transport_socket_matches`` entry the host's metadata selects) opens TLS connections with the
+cluster's current context; a failed handshake, or a server whose SANs are not among those
+configured, is a connect failure (Envoy's UF).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from meshlet.proxy.headers import Headers
+from meshlet.proxy.tls import TlsConfig, upstream_peer_allowed
 from meshlet.proxy.upstream.host import Host
 
 if TYPE_CHECKING:
@@ -268,11 +274,12 @@ class UpstreamConnection(asyncio.Protocol):
 class HostPool:
     """Idle connections and pending requests of one host of one cluster."""
 
-    __slots__ = ("_idle", "_pending", "cluster", "connecting", "host", "open")
+    __slots__ = ("_idle", "_pending", "cluster", "connecting", "host", "open", "tls")
 
-    def __init__(self, cluster: Cluster, host: Host) -> None:
+    def __init__(self, cluster: Cluster, host: Host, tls: TlsConfig | None = None) -> None:
         self.cluster = cluster
         self.host = host
+        self.tls = tls  # None: plaintext
         self._idle: list[UpstreamConnection] = []
         self._pending: deque[PoolWaiter] = deque()
         self.open: set[UpstreamConnection] = set()
@@ -280,7 +287,8 @@ class HostPool:
 
     def __repr__(self) -> str:
         return (
-            f"<HostPool {self.host.key} [Connections: {len(self.open)} open, "
+            f"<HostPool {self.host.key}{' tls' if self.tls else ''} "
+            f"[Connections: {len(self.open)} open, "
             f"{len(self._idle)} idle, {self.connecting} connecting | "
             f"Requests: {len(self._pending)} pending]>"
         )
@@ -388,15 +396,27 @@ class HostPool:
         conn: UpstreamConnection | None = None
         try:
             source = cluster.config.source_address
+            tls = self.tls
+            built = None
+            if tls is not None:
+                contexts = cluster.tls_contexts
+                built = contexts.get(tls) if contexts is not None else None
+                if built is None:  # its secrets have not arrived
+                    raise ConnectionRefusedError("TLS context not ready")
             _, proto = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: UpstreamConnection(self),
                     host.address,
                     host.port,
                     local_addr=(source, 0) if source is not None else None,
+                    ssl=built.context if built is not None else None,
+                    server_hostname=(tls.sni or host.address) if tls is not None else None,
                 ),
                 cluster.config.connect_timeout,
             )
+            if built is not None and not upstream_peer_allowed(proto.transport, built):
+                proto.abort()
+                raise ConnectionRefusedError("the server's SAN is not allowed")
             conn = proto
         except TimeoutError:
             reason = Reset.CONNECT_TIMEOUT

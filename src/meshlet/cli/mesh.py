@@ -66,6 +66,13 @@ def register(commands: Any) -> None:
         " at --server's address",
     )
     start.add_argument(
+        "--mtls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a CA (at the xDS port + 2), workload certificates and automatic mutual TLS"
+        " between sidecars, with PeerAuthentication (default on; --no-mtls: plaintext)",
+    )
+    start.add_argument(
         "--images",
         type=Path,
         action="append",
@@ -138,6 +145,12 @@ def register(commands: Any) -> None:
     p.add_argument("--gateway-port", type=int, default=8080, metavar="PORT")
     p.add_argument("--rate", type=float, default=2.0, metavar="RPS", help="default 2")
     p.add_argument("--xds-address", default="127.0.0.1:15010", metavar="HOST:PORT")
+    p.add_argument(
+        "--mtls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mutual TLS between sidecars, with a CA (default on)",
+    )
     p.set_defaults(run=run_demo, images=[])
 
     p = commands.add_parser("mesh-daemon", parents=[start])
@@ -189,8 +202,17 @@ def run_daemon(args: argparse.Namespace) -> int:
             api_address=args.api_address,
             gateway_port=args.gateway_port or None,
             images=tuple(args.images),
+            ca=args.mtls,
+            mtls=args.mtls,
+            ca_address=_next_port(args.xds_address, 2),  # 15012 next to 15010, as Istio's
+            xds_tls_address=_next_port(args.xds_address, 1),
         )
     )
+
+
+def _next_port(address: str, offset: int) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + offset}"
 
 
 # -- up ------------------------------------------------------------------------------------------
@@ -249,6 +271,7 @@ def _start_daemon(args: argparse.Namespace, client: ControlClient) -> None:
     ]
     for image_map in args.images:
         argv += ["--images", str(image_map)]
+    argv.append("--mtls" if getattr(args, "mtls", True) else "--no-mtls")
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             argv,

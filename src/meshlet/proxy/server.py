@@ -44,6 +44,7 @@ from meshlet.proxy.config import ProxyConfig
 from meshlet.proxy.telemetry.access_log import DEFAULT_MANAGER
 from meshlet.proxy.worker import Worker, bind_listener, check_port_free
 
+IDENTITY_WAIT = 30.0  # seconds the proxy waits for its first certificate before going on
 log = logging.getLogger("meshlet.proxy")
 
 _LOG_FLUSH_INTERVAL = 1.0  # Envoy flushes file access logs every second
@@ -305,6 +306,7 @@ async def _parent_main(
             raise BindError(f"admin: cannot bind {host}:{port}: {e.strerror}") from e
     state.state = "INITIALIZING"
     await worker.start(sockets)
+    identity_task = await _start_identity(config, worker)
     xds_task = None
     if config.ads is None:
         state.state = "LIVE"
@@ -339,6 +341,8 @@ async def _parent_main(
         )
     await life.done.wait()
     flusher.cancel()
+    if identity_task is not None:
+        identity_task.cancel()
     if xds_task is not None:
         xds_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -352,6 +356,29 @@ async def _parent_main(
             os.waitpid(pid, 0)
     sys.stdout.flush()
     return 0
+
+
+async def _start_identity(config: ProxyConfig, worker: Worker) -> asyncio.Task[None] | None:
+    """When the node's metadata names a CA (``CA_ADDRESS``), get this workload's certificate
+    before anything else is configured -- the key is made here and never leaves -- and keep it
+    fresh. Waits up to ``IDENTITY_WAIT`` seconds for the first one (Envoy's warming: TLS
+    listeners and clusters need it); without it the proxy goes on, and TLS fails until then."""
+    from google.protobuf import json_format
+
+    metadata = json_format.MessageToDict(config.node.metadata)
+    if not metadata.get("CA_ADDRESS"):
+        return None
+    from meshlet.proxy.identity import IdentityAgent, IdentityOptions, install
+
+    options = IdentityOptions.from_node_metadata(metadata)
+    assert options is not None
+    agent = IdentityAgent(options, lambda cert: install(worker.secrets, cert))
+    task = asyncio.get_running_loop().create_task(agent.run(), name="identity")
+    try:
+        await asyncio.wait_for(agent.ready.wait(), IDENTITY_WAIT)
+    except TimeoutError:
+        log.error("no certificate from %s yet; TLS fails until one arrives", options.ca_address)
+    return task
 
 
 async def _run_xds(

@@ -33,7 +33,6 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
-    grpc_service_pb2,
     protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -468,18 +467,13 @@ def _service_account_names(c: OutboundCluster, view: ProxyView) -> list[str]:
 
 
 def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
-    """An SDS secret named as Istio names them, fetched from the agent's ``sds-grpc``."""
+    """An SDS secret named as Istio names them. Istio's Envoy fetches them from its agent
+    (``sds-grpc``); meshlet's proxy is its own agent and takes them over ADS, where the
+    control plane serves ``default`` (the chain) and ``ROOTCA``, and the proxy's identity
+    module sets them locally with the key it made."""
     config = secret_pb2.SdsSecretConfig(name=name)
     source = config.sds_config
-    api = source.api_config_source
-    api.api_type = config_source_pb2.ApiConfigSource.GRPC
-    api.set_node_on_first_message_only = True
-    api.transport_api_version = config_source_pb2.V3
-    api.grpc_services.append(
-        grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=SDS_CLUSTER)
-        )
-    )
+    source.ads.SetInParent()
     source.initial_fetch_timeout.CopyFrom(duration_pb2.Duration())
     source.resource_api_version = config_source_pb2.V3
     return config

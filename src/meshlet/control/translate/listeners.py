@@ -32,16 +32,19 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import any_pb2, duration_pb2
 
 from meshlet.api.networking import ServerTLSMode, ServerTLSSettings
+from meshlet.api.security import MTLSMode
 from meshlet.control.snapshot import GatewayConfig, Proxy, ProxyType, ProxyView, Snapshot
 from meshlet.control.translate.authz import authz_filters
 from meshlet.control.translate.clusters import TRANSPORT_SOCKET_TLS, sds_secret
+from meshlet.control.translate.peer_authn import workload_mode
 from meshlet.control.translate.routes import (
     CORS_FILTER,
     FAULT_FILTER,
@@ -57,6 +60,7 @@ INBOUND_PORT = 15006
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 SERVER_NAME = "istio-envoy"
+TLS_INSPECTOR_FILTER = "envoy.filters.listener.tls_inspector"
 
 
 def build_listeners(snapshot: Snapshot, proxy: Proxy) -> list[listener_pb2.Listener]:
@@ -81,7 +85,61 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
         f"inbound_{ip}_{INBOUND_PORT}", inbound_route_config(view), inbound=True
     )
     prepend_filters(hcm, authz_filters(view))
-    return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
+    mode = inbound_mtls_mode(view)
+    if mode is None or mode is MTLSMode.DISABLE:
+        return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
+    # Istio's inbound chains: mutual TLS with this workload's certificate, the peer's
+    # certificate checked against the mesh's root and its identity passed on in XFCC; with
+    # PERMISSIVE, plaintext on the same port too, told apart by the TLS inspector.
+    mtls_hcm = hcm_pb2.HttpConnectionManager()
+    mtls_hcm.CopyFrom(hcm)
+    mtls_hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+    mtls_hcm.set_current_client_cert_details.uri = True
+    mtls = _chain(mtls_hcm)
+    mtls.name = "inbound-mtls"
+    mtls.filter_chain_match.transport_protocol = "tls"
+    mtls.transport_socket.CopyFrom(inbound_mtls_socket())
+    chains = [mtls]
+    if mode is MTLSMode.PERMISSIVE:
+        plain = _chain(hcm)
+        plain.name = "inbound-plaintext"
+        plain.filter_chain_match.transport_protocol = "raw_buffer"
+        chains.append(plain)
+    listener = _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, chains, base_pb2.INBOUND)
+    inspector = listener.listener_filters.add(name=TLS_INSPECTOR_FILTER)
+    inspector.typed_config.Pack(tls_inspector_pb2.TlsInspector())
+    return listener
+
+
+def inbound_mtls_mode(view: ProxyView) -> MTLSMode | None:
+    """The PeerAuthentication mode of this workload's inbound side (workload > namespace >
+    mesh, PERMISSIVE by default); None while the mesh runs without mTLS. All inbound traffic
+    shares port 15006 here, so the workload-level mode applies (not ``portLevelMtls``)."""
+    if not view.mesh.enable_auto_mtls:
+        return None
+    mode = workload_mode(
+        view.snapshot.peer_authentications,
+        namespace=view.proxy.namespace,
+        labels=view.proxy.labels,
+        root_namespace=view.mesh.root_namespace,
+    )
+    return MTLSMode.PERMISSIVE if mode is MTLSMode.UNSET else mode
+
+
+def inbound_mtls_socket() -> base_pb2.TransportSocket:
+    """A DownstreamTlsContext requiring a client certificate: SDS ``default`` as this
+    workload's certificate, ``ROOTCA`` to check the peer's (``buildInboundFilterChain``)."""
+    context = tls_pb2.DownstreamTlsContext()
+    context.require_client_certificate.value = True
+    common = context.common_tls_context
+    common.tls_params.tls_minimum_protocol_version = common_pb2.TlsParameters.TLSv1_2
+    common.tls_certificate_sds_secret_configs.append(sds_secret("default"))
+    common.combined_validation_context.validation_context_sds_secret_config.CopyFrom(
+        sds_secret("ROOTCA")
+    )
+    socket = base_pb2.TransportSocket(name=TRANSPORT_SOCKET_TLS)
+    socket.typed_config.Pack(context)
+    return socket
 
 
 def gateway_listeners(view: ProxyView) -> list[listener_pb2.Listener]:

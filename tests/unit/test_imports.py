@@ -19,6 +19,7 @@ HEAVY = (
     "prometheus_client",
     "urllib.request",
     "http.client",
+    "jwt",  # PyJWT (and cryptography's RSA): only once a jwt_authn filter is compiled
 )
 
 

@@ -16,6 +16,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import json_format
 
 from meshlet.errors import ConfigError
 from meshlet.proxy.filters.jwt_authn import (
@@ -25,6 +29,7 @@ from meshlet.proxy.filters.jwt_authn import (
     UNKNOWN_ISSUER,
     compile_jwt_authn,
 )
+from meshlet.proxy.listener import JWT_AUTHN_TYPE, RBAC_TYPE, ROUTER_TYPE, compile_hcm
 
 ISSUER = "testing@secure.istio.io"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -118,3 +123,34 @@ def test_unsupported_fields_and_bad_keys_are_refused_by_name() -> None:
     with pytest.raises(ConfigError) as e:
         compile_jwt_authn(proto, "jwt")
     assert "providers[p].from_cookies" in e.value.render()
+
+
+# -- in the HTTP connection manager -----------------------------------------------------------
+
+
+def hcm_with(*filters: str) -> hcm_pb2.HttpConnectionManager:
+    """An HCM whose http_filters are the named ones (jwt_authn, rbac, router), in order."""
+    typed = {
+        "jwt_authn": {"@type": JWT_AUTHN_TYPE, "providers": {}},
+        "rbac": {"@type": RBAC_TYPE},
+        "router": {"@type": ROUTER_TYPE},
+    }
+    return json_format.ParseDict(
+        {
+            "route_config": {},
+            "http_filters": [{"name": name, "typed_config": typed[name]} for name in filters],
+        },
+        hcm_pb2.HttpConnectionManager(),
+    )
+
+
+def test_the_hcm_compiles_jwt_authn_ahead_of_rbac() -> None:
+    hcm = compile_hcm(hcm_with("jwt_authn", "rbac", "router"), "hcm", "l")
+    assert hcm.jwt_authn is not None and len(hcm.rbac) == 1
+    assert compile_hcm(hcm_with("rbac", "router"), "hcm", "l").jwt_authn is None
+
+
+def test_the_hcm_refuses_jwt_authn_after_rbac_which_reads_its_payload() -> None:
+    with pytest.raises(ConfigError) as e:
+        compile_hcm(hcm_with("rbac", "jwt_authn", "router"), "hcm", "l")
+    assert "hcm.http_filters[1]: envoy.filters.http.jwt_authn must come first" in e.value.render()

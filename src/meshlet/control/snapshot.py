@@ -59,7 +59,12 @@ from meshlet.api.networking import (
     TrafficPolicy,
     VirtualService,
 )
-from meshlet.api.security import AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication
+from meshlet.api.security import (
+    AuthorizationPolicy,
+    AuthorizationPolicySpec,
+    PeerAuthentication,
+    RequestAuthentication,
+)
 from meshlet.control.registry import (
     DEFAULT_DOMAIN_SUFFIX,
     PUBLIC,
@@ -532,8 +537,11 @@ class Snapshot:
         gateways: Sequence[GatewayConfig],
         authorization_policies: Sequence[AuthorizationPolicyConfig] = (),
         peer_authentications: Sequence[Any] = (),
+        request_authentications: Sequence[tuple[RequestAuthentication, str]] = (),
     ) -> None:
         self.mesh = mesh
+        # (RequestAuthentication, namespace) pairs, in the store's order.
+        self.request_authentications = tuple(request_authentications)
         # PeerAuthnConfig values (``translate.peer_authn``), in the store's order.
         self.peer_authentications = tuple(peer_authentications)
         self.registry = registry
@@ -604,6 +612,7 @@ class Snapshot:
         gateways: list[GatewayConfig] = []
         authz: list[AuthorizationPolicyConfig] = []
         peer_authentications: list[Any] = []
+        request_authentications: list[tuple[RequestAuthentication, str]] = []
         for item in resources:
             model, namespace = _unwrap(item)
             creation = model.metadata.creation_timestamp or ""
@@ -659,6 +668,8 @@ class Snapshot:
                         creation=creation,
                     )
                 )
+            elif isinstance(model, RequestAuthentication):
+                request_authentications.append((model, namespace))
             elif isinstance(model, AuthorizationPolicy):
                 authz.append(
                     AuthorizationPolicyConfig(
@@ -681,6 +692,7 @@ class Snapshot:
             gateways=gateways,
             authorization_policies=authz,
             peer_authentications=peer_authentications,
+            request_authentications=request_authentications,
         )
 
     # -- lookups -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2 as _stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2 as _fault_pb2  # noqa: F401
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as _jwt_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2 as _router_pb2  # noqa: F401
 from envoy.extensions.filters.listener.tls_inspector.v3 import (  # noqa: F401
     tls_inspector_pb2 as _tls_inspector_pb2,

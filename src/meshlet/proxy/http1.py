@@ -8,10 +8,10 @@ body goes to its router as it arrives; the bodies of queued streams wait in memo
 pauses once they pass a high watermark.
 
 For the active stream the connection manager does what Envoy's HCM does, in order: request
-validation, x-request-id / x-forwarded-* handling, the RBAC filters, route selection, the fault
-filter, then the router (``meshlet.proxy.router``), which writes the response back through
-``Stream``'s ``start_response`` / ``send_body`` / ``end_response``. Everything is callbacks and
-``call_later`` timers; no task per request.
+validation, x-request-id / x-forwarded-* handling, the JWT filter, the RBAC filters, route
+selection, the fault filter, then the router (``meshlet.proxy.router``), which writes the
+response back through ``Stream``'s ``start_response`` / ``send_body`` / ``end_response``.
+Everything is callbacks and ``call_later`` timers; no task per request.
 
 Backpressure both ways: the router pauses this connection's reading while the upstream's send
 buffer is full, and this connection pauses the upstream's reading while the client's is full.
@@ -36,6 +36,7 @@ import httptools
 
 from meshlet.proxy import framing
 from meshlet.proxy.filters.fault import NO_FAULT, decide
+from meshlet.proxy.filters.jwt_authn import MISSING as JWT_MISSING
 from meshlet.proxy.filters.rbac import DENIED_BODY, enforce, request_attributes
 from meshlet.proxy.headers import Headers, RequestHead
 from meshlet.proxy.router import UpstreamRequest
@@ -43,6 +44,7 @@ from meshlet.proxy.routing import DirectResponseAction, RedirectAction, RouteAct
 from meshlet.proxy.stream_info import DownstreamTls, Flag, StreamInfo
 
 if TYPE_CHECKING:
+    from meshlet.proxy.filters.jwt_authn import Failure, JwtAuthn
     from meshlet.proxy.listener import HcmConfig
     from meshlet.proxy.routing import ClusterChoice, Route
     from meshlet.proxy.upstream.cluster import Cluster
@@ -58,6 +60,8 @@ _DELAYED_CLOSE = 1.0  # Envoy's delayed_close_timeout default
 _DOWNSTREAM_SCHEME = b"http"
 _DOWNSTREAM_SCHEME_TLS = b"https"
 _XFCC = b"x-forwarded-client-cert"
+JWT_FILTER = "envoy.filters.http.jwt_authn"  # its dynamic metadata namespace
+_JWT_REALM_PATH_MAX = 256  # Envoy's jwt_authn: the realm's URI path is cut at 256 bytes
 
 
 # Request headers the connection manager notes while parsing, and those it drops.
@@ -358,7 +362,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.peer_ip = b""
         # The peer certificate's URI SAN (spiffe://<td>/ns/<ns>/sa/<sa>) once downstream mTLS
         # sets it; None: no peer identity (RBAC's ``authenticated`` principals never match).
-        self.peer_principal: str | None = None
+        self.peer_principal: str | None = (tls.peer_principal or None) if tls is not None else None
         self.local = ""
         self.closed = False
         self.closing = False  # no more requests are read; those parsed are still answered
@@ -696,7 +700,10 @@ class DownstreamConnection(asyncio.Protocol):
             if not stream.request_complete:
                 self.write(framing.CONTINUE_100)
         _sanitize_request(head, stream, hcm, self.peer_ip, rt)
-        # RBAC filters come before the router, whose work (404, direct responses) they precede.
+        # The JWT filter, then the RBAC filters: both before the router, whose work (404, direct
+        # responses) they precede; RBAC reads the payload the JWT filter leaves.
+        if hcm.jwt_authn is not None and not _jwt_authn(hcm.jwt_authn, stream, head, rt):
+            return
         if hcm.rbac:
             attrs = request_attributes(
                 head,
@@ -706,6 +713,7 @@ class DownstreamConnection(asyncio.Protocol):
                 use_remote_address=hcm.use_remote_address,
                 xff_num_trusted_hops=hcm.xff_num_trusted_hops,
                 peer_principal=self.peer_principal,
+                metadata=info.dynamic_metadata,
             )
             details = enforce(hcm.rbac, attrs, rt.http_stats)
             if details is not None:
@@ -1077,6 +1085,48 @@ def _make_head(
         scheme=scheme,
         version=version,
         keep_alive=keep_alive,
+    )
+
+
+def _jwt_authn(jwt: JwtAuthn, stream: Stream, head: RequestHead, rt: ListenerRuntime) -> bool:
+    """Envoy's ``envoy.filters.http.jwt_authn`` on one request: False when it answered.
+
+    A verified token's header goes (Envoy removes the whole header unless ``forward``), the
+    provider's ``forward_payload_header`` is set, and the payloads become the stream's
+    dynamic metadata for RBAC. A failure is a local reply with the failure's status and
+    message, ``www-authenticate`` and ``jwt_authn_access_denied{<message>}`` details.
+    """
+    headers = head.headers
+    outcome = jwt.check(head.method.decode("latin-1"), head.path.decode("latin-1"), headers.items)
+    failure = outcome.failure
+    if failure is not None:
+        rt.http_stats.jwt_authn_denied += 1
+        _jwt_denied(stream, head, failure)
+        return False
+    rt.http_stats.jwt_authn_allowed += 1
+    for name, _ in outcome.strip:
+        headers.remove(name)
+    for name, value in outcome.add:
+        headers.set(name, value)
+    if outcome.payloads:
+        stream.info.dynamic_metadata = {JWT_FILTER: outcome.payloads}
+    return True
+
+
+def _jwt_denied(stream: Stream, head: RequestHead, failure: Failure) -> None:
+    # Envoy (jwt_authn/filter.cc): realm = the original URI (x-forwarded-proto, host, path),
+    # error="invalid_token" unless the token is missing, and the message in the details with
+    # its spaces made underscores (access-log fields are split on spaces).
+    scheme = head.headers.get(b"x-forwarded-proto") or head.scheme
+    uri = scheme + b"://" + head.authority + head.path[:_JWT_REALM_PATH_MAX]
+    challenge = b'Bearer realm="' + uri + b'"'
+    if failure.message != JWT_MISSING:
+        challenge += b', error="invalid_token"'
+    stream.local_reply(
+        failure.status,
+        failure.message.encode(),
+        headers=Headers([(b"www-authenticate", challenge)]),
+        details="jwt_authn_access_denied{" + "_".join(failure.message.split()) + "}",
     )
 
 

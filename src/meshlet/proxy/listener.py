@@ -9,9 +9,14 @@ finds SNI and ALPN (Istio's PERMISSIVE: a TLS chain and a plaintext chain on one
 chain's HCM the HCM carries an inline route
 configuration (or, for listeners from ADS, an ``rds`` block naming a RouteConfiguration that
 comes over ADS too: the HCM is compiled with an empty table that the ADS client fills in), the
-HTTP filters (``envoy.filters.http.rbac``, ``envoy.filters.http.fault`` then
-``envoy.filters.http.router``; nothing else), access logs and the HCM's timeouts and header
-rules. Defaults are Envoy's (ENVOY-SEMANTICS §7).
+HTTP filters (``envoy.filters.http.jwt_authn``, ``envoy.filters.http.rbac``,
+``envoy.filters.http.fault`` then ``envoy.filters.http.router``; nothing else), access logs and
+the HCM's timeouts and header rules. Defaults are Envoy's (ENVOY-SEMANTICS §7).
+
+The connection manager runs its filters in Istio's order (jwt_authn, then RBAC AUDIT/DENY/ALLOW,
+then fault, then the router). A jwt_authn filter listed after another filter is refused rather
+than run before it: RBAC reads the payload jwt_authn leaves. PyJWT is imported only when a chain
+configures jwt_authn (``compile_jwt_authn``): most sidecars never check a token.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -38,6 +44,7 @@ from meshlet.proxy.fields import (
     uint_field,
 )
 from meshlet.proxy.filters.fault import FaultPolicy, compile_fault
+from meshlet.proxy.filters.jwt_authn import JwtAuthn, compile_jwt_authn
 from meshlet.proxy.filters.rbac import RbacFilter, compile_rbac
 from meshlet.proxy.routing import RouteTable, compile_route_config
 from meshlet.proxy.telemetry.access_log import AccessLogger, compile_access_logs
@@ -47,6 +54,11 @@ HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.ful
 FAULT_TYPE = "type.googleapis.com/" + fault_pb2.HTTPFault.DESCRIPTOR.full_name
 ROUTER_TYPE = "type.googleapis.com/" + router_pb2.Router.DESCRIPTOR.full_name
 RBAC_TYPE = "type.googleapis.com/" + rbac_pb2.RBAC.DESCRIPTOR.full_name
+JWT_AUTHN_TYPE = "type.googleapis.com/" + jwt_pb2.JwtAuthentication.DESCRIPTOR.full_name
+_SUPPORTED_HTTP_FILTERS = (
+    "envoy.filters.http.jwt_authn, envoy.filters.http.rbac, envoy.filters.http.fault, "
+    "envoy.filters.http.router"
+)
 
 _LISTENER_FIELDS = {
     "name",
@@ -112,6 +124,7 @@ class HcmConfig:
     suppress_envoy_headers: bool = False
     rds_route_name: str = ""  # RDS: route_table is a placeholder until the route arrives
     rds_fetch_timeout: float | None = 15.0  # RDS: how long the first config waits (None: ever)
+    jwt_authn: JwtAuthn | None = None  # envoy.filters.http.jwt_authn; runs before RBAC
     rbac: tuple[RbacFilter, ...] = ()  # the RBAC filters, in chain order
     # x-forwarded-client-cert: SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET or
     # ALWAYS_FORWARD_ONLY, and the peer certificate's fields set_current_client_cert_details
@@ -367,6 +380,7 @@ def compile_hcm(
     filters_path = join(path, "http_filters")
     names = []
     rbac: list[RbacFilter] = []
+    jwt_authn: JwtAuthn | None = None
     for i, hf in enumerate(proto.http_filters):
         hpath = f"{filters_path}[{i}]"
         guard(lambda hf=hf, hpath=hpath: check_fields(hf, hpath, {"name", "typed_config"}))
@@ -380,6 +394,22 @@ def compile_hcm(
                 fault = guard(
                     lambda msg=msg, hpath=hpath: compile_fault(msg, join(hpath, "typed_config"))
                 )
+        elif url == JWT_AUTHN_TYPE:
+            if "jwt_authn" in names:
+                problems.add(hpath, "only one envoy.filters.http.jwt_authn filter is supported")
+            elif names:
+                problems.add(
+                    hpath,
+                    "envoy.filters.http.jwt_authn must come first, before "
+                    "envoy.filters.http.rbac and envoy.filters.http.fault (Istio's order)",
+                )
+            names.append("jwt_authn")
+            msg_jwt = jwt_pb2.JwtAuthentication()
+            hf.typed_config.Unpack(msg_jwt)
+            try:
+                jwt_authn = compile_jwt_authn(msg_jwt, join(hpath, "typed_config"))
+            except ConfigError as e:
+                problems.extend(e)
         elif url == RBAC_TYPE:
             names.append("rbac")
             msg_rbac = rbac_pb2.RBAC()
@@ -404,9 +434,7 @@ def compile_hcm(
         else:
             problems.add(
                 hpath,
-                f"{url or hf.name} is not supported "
-                "(supported: envoy.filters.http.rbac, envoy.filters.http.fault, "
-                "envoy.filters.http.router)",
+                f"{url or hf.name} is not supported (supported: {_SUPPORTED_HTTP_FILTERS})",
             )
     if names and names[-1] != "router":
         problems.add(filters_path, "the last HTTP filter must be envoy.filters.http.router")
@@ -459,6 +487,7 @@ def compile_hcm(
         suppress_envoy_headers=suppress,
         rds_route_name=rds_name,
         rds_fetch_timeout=rds_timeout,
+        jwt_authn=jwt_authn,
         rbac=tuple(rbac),
         forward_client_cert=_XFCC.Name(proto.forward_client_cert_details),
         client_cert_details=details,

@@ -7,7 +7,10 @@ the way it did, e.g. ``UH`` no healthy upstream, ``UF`` connect failure.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 from meshlet.proxy.headers import Headers, RequestHead
 
@@ -60,8 +63,16 @@ class DownstreamTls:
         return self.peer_uri_sans[0] if self.peer_uri_sans else ""
 
 
+# Most streams have no dynamic metadata: they share this empty one instead of making their own.
+NO_METADATA: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
+
+
 class StreamInfo:
-    """Per-request facts, filled in as the request moves through the proxy."""
+    """Per-request facts, filled in as the request moves through the proxy.
+
+    ``dynamic_metadata`` is Envoy's: by filter name, what a filter left for later ones
+    (``envoy.filters.http.jwt_authn`` -> ``{"payload": claims}``, which RBAC reads).
+    """
 
     __slots__ = (
         "bytes_received",
@@ -69,6 +80,7 @@ class StreamInfo:
         "downstream_local",
         "downstream_remote",
         "downstream_tls",
+        "dynamic_metadata",
         "end",
         "flags",
         "request",
@@ -111,6 +123,7 @@ class StreamInfo:
         self.upstream_cluster = ""
         self.upstream_host = ""  # "ip:port" of the last upstream tried
         self.upstream_service_time: float | None = None  # ms until upstream response headers
+        self.dynamic_metadata = NO_METADATA
 
     def __repr__(self) -> str:
         return f"<StreamInfo {self.response_code} {self.flags_str} {self.upstream_cluster}>"

@@ -45,6 +45,7 @@ from meshlet.control.snapshot import GatewayConfig, Proxy, ProxyType, ProxyView,
 from meshlet.control.translate.authz import authz_filters
 from meshlet.control.translate.clusters import TRANSPORT_SOCKET_TLS, sds_secret
 from meshlet.control.translate.peer_authn import workload_mode
+from meshlet.control.translate.request_authn import applicable, jwt_authn_filter
 from meshlet.control.translate.routes import (
     CORS_FILTER,
     FAULT_FILTER,
@@ -84,7 +85,7 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
     hcm = http_connection_manager(
         f"inbound_{ip}_{INBOUND_PORT}", inbound_route_config(view), inbound=True
     )
-    prepend_filters(hcm, authz_filters(view))
+    prepend_filters(hcm, [*jwt_filters(view), *authz_filters(view)])
     mode = inbound_mtls_mode(view)
     if mode is None or mode is MTLSMode.DISABLE:
         return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
@@ -109,6 +110,19 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
     inspector = listener.listener_filters.add(name=TLS_INSPECTOR_FILTER)
     inspector.typed_config.Pack(tls_inspector_pb2.TlsInspector())
     return listener
+
+
+def jwt_filters(view: ProxyView) -> list[hcm_pb2.HttpFilter]:
+    """The jwt_authn filter of the RequestAuthentications that apply to this workload (inbound
+    and gateway HCMs only, before the RBAC filters, as Istio orders them)."""
+    policies = applicable(
+        view.snapshot.request_authentications,
+        view.proxy.namespace,
+        view.proxy.labels,
+        view.mesh.root_namespace,
+    )
+    found = jwt_authn_filter(policies)
+    return [] if found is None else [found]
 
 
 def inbound_mtls_mode(view: ProxyView) -> MTLSMode | None:
@@ -164,7 +178,7 @@ def gateway_listeners(view: ProxyView) -> list[listener_pb2.Listener]:
         hcm = http_connection_manager(f"outbound_0.0.0.0_{port}", configs[port], inbound=False)
         hcm.use_remote_address.value = True
         hcm.server_name = SERVER_NAME
-        prepend_filters(hcm, authz_filters(view))
+        prepend_filters(hcm, [*jwt_filters(view), *authz_filters(view)])
         chains: list[listener_components_pb2.FilterChain] = []
         for gw, hosts, tls in tls_servers.get(port, ()):
             chain = _chain(hcm)

@@ -143,8 +143,12 @@ def request_attributes(
     xff_num_trusted_hops: int = 0,
     peer_principal: str | None = None,
     requested_server_name: bytes = b"",
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RequestAttributes:
     """One request's attributes as the connection manager knows them.
+
+    ``metadata`` is the stream's dynamic metadata: the JWT filter's payload, which
+    ``requestPrincipals`` (``payload.iss`` / ``payload.sub``) and ``request.auth.*`` match.
 
     The remote address is Envoy's: the peer with ``use_remote_address``, else the
     ``x-forwarded-for`` entry ``xff_num_trusted_hops`` from the right (the peer when there is
@@ -173,6 +177,7 @@ def request_attributes(
         destination_port=port,
         peer_principal=peer_principal,
         requested_server_name=requested_server_name,
+        metadata=metadata,
     )
 
 

@@ -247,8 +247,8 @@ class HttpStats:
     """Envoy's ``http.<stat_prefix>.*`` stats of one HTTP connection manager.
 
     Includes the router's (``no_route``, ``rq_redirect``, ...), the fault filter's
-    (``fault.delays_injected``, ...) and the RBAC filters' (``rbac.allowed``, ...) stats, which
-    Envoy keeps under the same prefix.
+    (``fault.delays_injected``, ...), the JWT filter's (``jwt_authn.allowed``, ``.denied``) and
+    the RBAC filters' (``rbac.allowed``, ...) stats, which Envoy keeps under the same prefix.
     """
 
     downstream_cx_total: int = _counter()
@@ -287,6 +287,8 @@ class HttpStats:
     delays_injected: int = _counter("fault.delays_injected")
     aborts_injected: int = _counter("fault.aborts_injected")
     faults_overflow: int = _counter("fault.faults_overflow")
+    jwt_authn_allowed: int = _counter("jwt_authn.allowed")
+    jwt_authn_denied: int = _counter("jwt_authn.denied")
     rbac_allowed: int = _counter("rbac.allowed")
     rbac_denied: int = _counter("rbac.denied")
     rbac_shadow_allowed: int = _counter("rbac.shadow_allowed")

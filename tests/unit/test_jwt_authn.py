@@ -119,10 +119,29 @@ def test_unsupported_fields_and_bad_keys_are_refused_by_name() -> None:
         compile_jwt_authn(proto, "jwt")
     assert "jwt.providers[p].local_jwks.inline_string: bad JWKS" in e.value.render()
     proto.providers["p"].local_jwks.inline_string = jwks()
-    proto.providers["p"].from_cookies.append("session")
+    proto.providers["p"].jwt_cache_config.jwt_cache_size = 10
     with pytest.raises(ConfigError) as e:
         compile_jwt_authn(proto, "jwt")
-    assert "providers[p].from_cookies" in e.value.render()
+    assert "providers[p].jwt_cache_config" in e.value.render()
+
+
+def test_cookies_and_claims_to_headers() -> None:
+    """Istio's ``fromCookies`` and ``outputClaimToHeaders`` (RequestAuthentication reference)."""
+    proto = config_pb2.JwtAuthentication()
+    provider = proto.providers["p"]
+    provider.issuer = ISSUER
+    provider.local_jwks.inline_string = jwks()
+    provider.from_cookies.append("session")
+    provider.claim_to_headers.add(header_name="x-user", claim_name="sub")
+    rule = proto.rules.add()
+    rule.match.prefix = "/"
+    rule.requires.provider_name = "p"
+    engine = compile_jwt_authn(proto, "jwt")
+    cookie = f"theme=dark; session={token()}".encode()
+    outcome = engine.check("GET", "/", [(b"cookie", cookie)])
+    assert outcome.failure is None
+    assert (b"x-user", b"alice") in outcome.add
+    assert engine.check("GET", "/", [(b"cookie", b"theme=dark")]).failure is not None
 
 
 # -- in the HTTP connection manager -----------------------------------------------------------

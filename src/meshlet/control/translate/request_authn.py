@@ -87,6 +87,9 @@ def _provider(rule: JWTRule) -> jwt_pb2.JwtProvider:
     for header in rule.from_headers:
         provider.from_headers.add(name=header.name, value_prefix=header.prefix)
     provider.from_params.extend(rule.from_params)
+    provider.from_cookies.extend(rule.from_cookies)
+    for claim in rule.output_claim_to_headers:
+        provider.claim_to_headers.add(header_name=claim.header, claim_name=claim.claim)
     if rule.jwks:
         provider.local_jwks.inline_string = rule.jwks
     else:

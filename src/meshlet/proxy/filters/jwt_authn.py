@@ -3,8 +3,8 @@
 Compiled from ``JwtAuthentication`` (what istiod makes of RequestAuthentication), with Envoy's
 rules (envoyproxy.io, "JWT Authentication" filter; ``ENVOY-SEMANTICS.md``):
 
-* A provider takes its token from ``from_headers`` (each with a ``value_prefix``) and
-  ``from_params``; with neither, from ``Authorization: Bearer <token>`` and the
+* A provider takes its token from ``from_headers`` (each with a ``value_prefix``),
+  ``from_params`` and ``from_cookies``; with none, from ``Authorization: Bearer <token>`` and the
   ``access_token`` query parameter.
 * A token is valid when its signature checks against one of the provider's keys (``local_jwks``
   inline, or ``remote_jwks`` fetched from its URI and cached for ``cache_duration``), its
@@ -20,7 +20,8 @@ rules (envoyproxy.io, "JWT Authentication" filter; ``ENVOY-SEMANTICS.md``):
   ``Jwt not yet valid``.
 * A verified token is removed from the request unless ``forward``; its payload is kept for
   the stream under ``payload_in_metadata`` (RBAC's ``request.auth.*`` and
-  ``requestPrincipals`` read it), and ``forward_payload_header`` sends it base64url-encoded.
+  ``requestPrincipals`` read it), ``forward_payload_header`` sends it base64url-encoded, and
+  ``claim_to_headers`` copies single claims into request headers.
 
 The keys are checked with PyJWT (``cryptography``), imported only when a proxy has this filter.
 A ``remote_jwks`` URI is fetched by the proxy itself (its ``http_uri.cluster`` is not used):
@@ -91,6 +92,8 @@ class Provider:
     forward: bool
     payload_in_metadata: str
     forward_payload_header: bytes
+    from_cookies: tuple[str, ...] = ()
+    claim_to_headers: tuple[tuple[bytes, str], ...] = ()  # (header, claim name)
     clock_skew: int
 
 
@@ -202,6 +205,10 @@ class JwtAuthn:
             outcome.payloads[provider.payload_in_metadata] = claims
         if not provider.forward and carrier is not None:
             outcome.strip.append(carrier)
+        for header, claim in provider.claim_to_headers:
+            value = claims.get(claim)
+            if isinstance(value, (str, int, float, bool)):
+                outcome.add.append((header, str(value).encode()))
         if provider.forward_payload_header:
             raw = json.dumps(claims, separators=(",", ":")).encode()
             outcome.add.append(
@@ -245,6 +252,14 @@ def _token(
         for key, text in query:
             if key == param and text:
                 return text, None
+    if provider.from_cookies:
+        for header, raw in headers:
+            if header != b"cookie":
+                continue
+            for part in raw.decode("latin-1").split(";"):
+                cookie, _, text = part.strip().partition("=")
+                if cookie in provider.from_cookies and text:
+                    return text, None
     return None
 
 
@@ -342,6 +357,8 @@ def compile_jwt_authn(proto: Any, path: str) -> JwtAuthn:
                 "forward",
                 "from_headers",
                 "from_params",
+                "from_cookies",
+                "claim_to_headers",
                 "payload_in_metadata",
                 "forward_payload_header",
                 "clock_skew_seconds",
@@ -368,7 +385,7 @@ def compile_jwt_authn(proto: Any, path: str) -> JwtAuthn:
             raise ConfigError.at(ppath, "needs local_jwks or remote_jwks")
         from_headers = tuple((h.name.lower().encode(), h.value_prefix) for h in p.from_headers)
         from_params = tuple(p.from_params)
-        if not from_headers and not from_params:
+        if not from_headers and not from_params and not p.from_cookies:
             from_headers, from_params = ((b"authorization", "Bearer "),), ("access_token",)
         providers[name] = Provider(
             name=name,
@@ -380,6 +397,10 @@ def compile_jwt_authn(proto: Any, path: str) -> JwtAuthn:
             forward=p.forward,
             payload_in_metadata=p.payload_in_metadata,
             forward_payload_header=p.forward_payload_header.lower().encode(),
+            from_cookies=tuple(p.from_cookies),
+            claim_to_headers=tuple(
+                (c.header_name.lower().encode(), c.claim_name) for c in p.claim_to_headers
+            ),
             clock_skew=p.clock_skew_seconds or DEFAULT_CLOCK_SKEW,
         )
     rules = []

@@ -222,6 +222,12 @@ class AuthorizationPolicySpec(IstioModel):
         check_one_target(issues, self.selector, self.target_ref, self.target_refs)
         if self.action is Action.CUSTOM and self.provider is None:
             issues.add(("provider",), "CUSTOM action requires a provider")
+        elif self.action is Action.CUSTOM:
+            issues.add(
+                ("action",),
+                "CUSTOM is not supported by meshlet yet: it has no extension providers"
+                " (ext_authz); use ALLOW, DENY or AUDIT",
+            )
         if self.provider is not None and self.action is not Action.CUSTOM:
             issues.add(("provider",), "provider can only be used with the CUSTOM action")
         issues.raise_if_any("AuthorizationPolicySpec")

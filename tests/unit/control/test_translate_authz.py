@@ -8,7 +8,6 @@ namespace and root-namespace (mesh-wide) scope.
 
 from __future__ import annotations
 
-import logging
 import textwrap
 
 import pytest
@@ -17,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 
+from meshlet.errors import ConfigError
 from meshlet.proxy.filters.rbac import RequestAttributes, compile_rbac, enforce, parse_ip
 from meshlet.proxy.headers import Headers, RequestHead
 from meshlet.proxy.telemetry.stats import HttpStats
@@ -270,9 +270,8 @@ def test_audit_changes_no_decision() -> None:
     assert [c.rules.action for c in rbac_configs(sim)] == [2]  # LOG
 
 
-def test_custom_is_refused_with_a_message(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        sim = Simulation(APP, policy("action: CUSTOM\nprovider: {name: ext}\nrules: [{}]", "ext"))
-        assert rbac_configs(sim) == []
-    assert "CUSTOM is not supported" in caplog.text
-    assert decide(sim) == 200
+def test_custom_is_refused_with_a_message() -> None:
+    """Refused when applied (no extension mechanism yet), naming the field."""
+    with pytest.raises(ConfigError) as e:
+        Simulation(APP, policy("action: CUSTOM\nprovider: {name: ext}\nrules: [{}]", "ext"))
+    assert "spec.action: CUSTOM is not supported by meshlet yet" in e.value.render()

@@ -12,13 +12,17 @@ Istio's documentation these tests follow:
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.conftest import Mesh, start_mesh, wait_until
 from tests.samples import SAMPLES
@@ -160,5 +164,97 @@ def test_authorization_allows_only_what_policies_name(mesh: Mesh) -> None:
     finally:
         for path in (details, productpage, allow_nothing):
             mesh.meshlet("delete", "-f", str(path), check=False)
+        mesh.applied.clear()
+    wait_until("open again", lambda: get(mesh.gateway + "/productpage")[0] == 200, 30)
+
+
+def test_istios_mtls_destination_rules_with_strict_keep_bookinfo_working(mesh: Mesh) -> None:
+    """istio.io "Mutual TLS Migration": ISTIO_MUTUAL destination rules and STRICT mode."""
+    strict = write(
+        mesh,
+        "strict-all.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: default, namespace: istio-system}\n"
+        "spec: {mtls: {mode: STRICT}}\n",
+    )
+    rules = BOOKINFO / "networking" / "destination-rule-all-mtls.yaml"
+    try:
+        mesh.apply(rules, strict)
+        for _ in range(10):
+            status, page = get(mesh.gateway + "/productpage")
+            assert status == 200 and "Error fetching" not in page
+        wait_until(
+            "plaintext refused", lambda: plaintext_to_sidecar(pod_ip(mesh, "details")) == 0, 30
+        )
+    finally:
+        mesh.meshlet("delete", "-f", str(strict), check=False)
+        mesh.meshlet("apply", "-f", str(BOOKINFO / "networking" / "destination-rule-all.yaml"))
+        mesh.applied.clear()
+
+
+def test_denying_ratings_shows_its_error_text(mesh: Mesh) -> None:
+    """istio.io authorization task on Bookinfo: ratings denied, reviews says so."""
+    v3 = BOOKINFO / "networking" / "virtual-service-reviews-v3.yaml"
+    deny = write(
+        mesh,
+        "deny-ratings.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-ratings, namespace: default}\n"
+        "spec:\n  selector: {matchLabels: {app: ratings}}\n  action: DENY\n  rules: [{}]\n",
+    )
+    try:
+        mesh.apply(v3, deny)
+        status, page = get(mesh.gateway + "/productpage")
+        assert status == 200
+        assert "Ratings service is currently unavailable" in page
+    finally:
+        for path in (deny, v3):
+            mesh.meshlet("delete", "-f", str(path), check=False)
+        mesh.applied.clear()
+
+
+def test_end_user_authentication_with_jwt(mesh: Mesh) -> None:
+    """istio.io "Authentication Policy" task, end-user authentication: an invalid token gets
+    401, a missing one passes the RequestAuthentication, and an AuthorizationPolicy that
+    requires a request principal then turns it away with 403."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    public.update(kid="e2e", alg="ES256")
+    jwks = json.dumps({"keys": [public]})
+    policy = write(
+        mesh,
+        "jwt.yaml",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt, namespace: default}\n"
+        "spec:\n  selector: {matchLabels: {app: productpage}}\n  jwtRules:\n"
+        f"  - issuer: e2e@meshlet.dev\n    jwks: '{jwks}'\n"
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: require-jwt, namespace: default}\n"
+        "spec:\n  selector: {matchLabels: {app: productpage}}\n  action: ALLOW\n"
+        '  rules:\n  - from:\n    - source: {requestPrincipals: ["e2e@meshlet.dev/*"]}\n',
+    )
+    now = int(time.time())
+    good = jwt.encode(
+        {"iss": "e2e@meshlet.dev", "sub": "jason", "exp": now + 600},
+        key,
+        algorithm="ES256",
+        headers={"kid": "e2e"},
+    )
+    other = ec.generate_private_key(ec.SECP256R1())
+    bad = jwt.encode(
+        {"iss": "e2e@meshlet.dev", "sub": "eve", "exp": now + 600},
+        other,
+        algorithm="ES256",
+        headers={"kid": "e2e"},
+    )
+    try:
+        mesh.apply(policy)
+        assert get(mesh.gateway + "/productpage")[0] == 403
+        bearer = {"Authorization": f"Bearer {bad}"}
+        assert get(mesh.gateway + "/productpage", bearer) == (401, "Jwt verification fails")
+        status, page = get(mesh.gateway + "/productpage", {"Authorization": f"Bearer {good}"})
+        assert status == 200 and "Simple Bookstore App" in page
+    finally:
+        mesh.meshlet("delete", "-f", str(policy), check=False)
         mesh.applied.clear()
     wait_until("open again", lambda: get(mesh.gateway + "/productpage")[0] == 200, 30)

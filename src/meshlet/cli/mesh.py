@@ -73,6 +73,12 @@ def register(commands: Any) -> None:
         " between sidecars, with PeerAuthentication (default on; --no-mtls: plaintext)",
     )
     start.add_argument(
+        "--workload-cert-ttl",
+        default="24h",
+        metavar="DURATION",
+        help="lifetime of workload certificates, renewed at half-life (default 24h)",
+    )
+    start.add_argument(
         "--images",
         type=Path,
         action="append",
@@ -189,6 +195,7 @@ def _need_runtime(client: ControlClient) -> dict[str, Any]:
 def run_daemon(args: argparse.Namespace) -> int:
     import logging
 
+    from meshlet.cli.control import _duration
     from meshlet.runtime.daemon import MeshOptions
     from meshlet.runtime.daemon import run as serve
 
@@ -206,6 +213,7 @@ def run_daemon(args: argparse.Namespace) -> int:
             mtls=args.mtls,
             ca_address=_next_port(args.xds_address, 2),  # 15012 next to 15010, as Istio's
             xds_tls_address=_next_port(args.xds_address, 1),
+            workload_cert_ttl=_duration(args.workload_cert_ttl, "--workload-cert-ttl"),
         )
     )
 
@@ -272,6 +280,7 @@ def _start_daemon(args: argparse.Namespace, client: ControlClient) -> None:
     for image_map in args.images:
         argv += ["--images", str(image_map)]
     argv.append("--mtls" if getattr(args, "mtls", True) else "--no-mtls")
+    argv += ["--workload-cert-ttl", getattr(args, "workload_cert_ttl", "24h")]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             argv,

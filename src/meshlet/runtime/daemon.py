@@ -44,6 +44,7 @@ class MeshOptions:
     mtls: bool = False
     ca_address: str = "127.0.0.1:15012"
     xds_tls_address: str = "127.0.0.1:15011"
+    workload_cert_ttl: float = 24 * 3600.0
 
 
 async def serve(options: MeshOptions, out: TextIO = sys.stdout) -> None:
@@ -70,6 +71,7 @@ async def serve(options: MeshOptions, out: TextIO = sys.stdout) -> None:
             mtls=options.mtls,
             ca_address=options.ca_address,
             xds_tls_address=options.xds_tls_address,
+            workload_cert_ttl=options.workload_cert_ttl,
         ),
         out,
         routes={"GET /runtime": summary, "POST /runtime/shutdown": shutdown},

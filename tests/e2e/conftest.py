@@ -371,7 +371,7 @@ class Mesh:
         assert not (self.state_dir / "mesh.json").exists()
 
 
-def start_mesh(cwd: Path, *files: Path) -> Mesh:
+def start_mesh(cwd: Path, *files: Path, extra: tuple[str, ...] = ()) -> Mesh:
     """``meshlet up -d -f FILE...`` on free ports, as a user would type it (in ``cwd``)."""
     api, xds, gateway = free_port(), free_port(), free_port()
     server = f"http://127.0.0.1:{api}"
@@ -389,7 +389,7 @@ def start_mesh(cwd: Path, *files: Path) -> Mesh:
     for path in files:
         args += ["-f", str(path)]
     args += ["--xds-address", f"127.0.0.1:{xds}", "--gateway-port", str(gateway)]
-    args += ["--state-dir", str(mesh.state_dir)]
+    args += ["--state-dir", str(mesh.state_dir), *extra]
     try:
         result = mesh.meshlet(*args, timeout=180)
         assert f"ingress gateway: {mesh.gateway}/" in result.stdout, result.stdout

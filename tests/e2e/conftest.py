@@ -52,6 +52,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """A port P with P .. P+count-1 free: the mesh puts its CA and mTLS xDS next to xDS."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {count} free ports in a row")
+
+
 def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after timeout."""
     deadline = time.monotonic() + timeout
@@ -373,7 +390,7 @@ class Mesh:
 
 def start_mesh(cwd: Path, *files: Path, extra: tuple[str, ...] = ()) -> Mesh:
     """``meshlet up -d -f FILE...`` on free ports, as a user would type it (in ``cwd``)."""
-    api, xds, gateway = free_port(), free_port(), free_port()
+    api, xds, gateway = free_port(), free_ports_in_a_row(3), free_port()
     server = f"http://127.0.0.1:{api}"
     env = {**os.environ, "MESHLET_SERVER": server}
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import MESHLET, Browser, condition, free_port, leftovers, wait_until
+from tests.e2e.conftest import (
+    MESHLET,
+    Browser,
+    condition,
+    free_port,
+    free_ports_in_a_row,
+    leftovers,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -50,7 +58,7 @@ def test_demo_serves_bookinfo_for_its_duration_and_leaves_nothing_behind(tmp_pat
             "--duration",
             "20",
             "--xds-address",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_ports_in_a_row(3)}",
             "--gateway-port",
             str(gateway),
             "--state-dir",
@@ -150,7 +158,7 @@ def test_up_refuses_an_unsupported_kind_naming_file_and_line(tmp_path: Path) -> 
             "-f",
             str(manifest),
             "--xds-address",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_ports_in_a_row(3)}",
             "--gateway-port",
             str(free_port()),
             "--state-dir",

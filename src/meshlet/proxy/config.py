@@ -21,6 +21,7 @@ from meshlet.proxy.fields import ads_config_source, check_fields, join
 from meshlet.proxy.listener import ListenerConfig, compile_listener
 from meshlet.proxy.secrets import Secret, compile_secret
 from meshlet.proxy.telemetry.stats import NodeInfo
+from meshlet.proxy.tls import TlsConfig
 from meshlet.proxy.upstream.cluster import ClusterConfig, compile_cluster
 
 _BOOTSTRAP_FIELDS = {"node", "admin", "static_resources", "dynamic_resources"}
@@ -42,6 +43,7 @@ class AdsConfig:
     target: str  # host:port for gRPC, from that cluster's first endpoint
     lds: bool
     cds: bool
+    tls: TlsConfig | None = None  # that cluster's transport socket: ADS over (m)TLS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,6 +240,7 @@ def _compile_dynamic(
             # The proxy waits for its first listeners and clusters without limit.
             problems.add(join(fpath, "initial_fetch_timeout"), "only 0s is supported")
     target = ""
+    tls = None
     if cluster_name:
         found = next((c for c in clusters if c.name == cluster_name), None)
         where = join(ads_path, "grpc_services[0].envoy_grpc.cluster_name")
@@ -249,12 +252,14 @@ def _compile_dynamic(
             ep = found.endpoints[0]
             host = f"[{ep.address}]" if ":" in ep.address else ep.address
             target = f"{host}:{ep.port}"
+            tls = found.transport_socket
     problems.raise_if_any()
     return AdsConfig(
         cluster_name=cluster_name,
         target=target,
         lds=dynamic.HasField("lds_config"),
         cds=dynamic.HasField("cds_config"),
+        tls=tls,
     )
 
 

@@ -391,4 +391,4 @@ async def _run_xds(
         await worker.apply(new)
         state.config = new
 
-    await XdsClient(config, apply, ready).run()
+    await XdsClient(config, apply, ready, secrets=worker.secrets).run()

@@ -57,7 +57,7 @@ from meshlet.errors import ConfigError, Problem, ProblemList
 from meshlet.proxy.config import DynamicResource, DynamicResources, ProxyConfig
 from meshlet.proxy.listener import ListenerConfig, compile_listener
 from meshlet.proxy.routing import compile_route_config
-from meshlet.proxy.secrets import SECRET_TYPE, Secret, compile_secret
+from meshlet.proxy.secrets import SECRET_TYPE, Secret, SecretStore, compile_secret
 from meshlet.proxy.upstream.cluster import ClusterConfig, compile_cla, compile_cluster
 
 log = logging.getLogger("meshlet.xds")
@@ -397,9 +397,11 @@ class XdsClient:
         on_ready: Callable[[], None],
         *,
         rng: random.Random | None = None,
+        secrets: SecretStore | None = None,
     ) -> None:
         assert base.ads is not None
         self.base = base
+        self.secrets = secrets  # the workload's certificate, for ADS over mTLS
         self.target = base.ads.target
         self._apply = apply
         self._on_ready = on_ready
@@ -428,6 +430,29 @@ class XdsClient:
         versions = " ".join(f"{_SHORT[t]}={v}" for t, v in sorted(self.tables.versions.items()))
         return f"<XdsClient {self.target} {state} {versions or 'no config'}>"
 
+    def _channel(self) -> grpc.aio.Channel:
+        """Plaintext, or (m)TLS when the control plane's cluster has a TLS transport socket:
+        the secrets it names (Istio's ``default`` and ``ROOTCA``) as they are now, so a
+        rotated certificate serves the next connection."""
+        assert self.base.ads is not None
+        tls = self.base.ads.tls
+        if tls is None:
+            return grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        store = self.secrets
+        cert = store.get(tls.certificate_sds) if store and tls.certificate_sds else None
+        cert = cert or tls.certificate
+        root = store.get(tls.validation_sds) if store and tls.validation_sds else None
+        root = root or tls.validation
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=getattr(root, "trusted_ca_pem", None),
+            private_key=getattr(cert, "private_key_pem", None),
+            certificate_chain=getattr(cert, "cert_chain_pem", None),
+        )
+        options: list[tuple[str, str | int]] = list(_CHANNEL_OPTIONS)
+        if tls.sni:
+            options.append(("grpc.ssl_target_name_override", tls.sni))
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
+
     async def run(self) -> None:
         """Stream until cancelled, reconnecting with backoff."""
         attempt = 0
@@ -450,7 +475,7 @@ class XdsClient:
             await asyncio.sleep(delay)
 
     async def _stream(self) -> None:
-        channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        channel = self._channel()
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources()

@@ -91,6 +91,7 @@ async def serve(options: MeshOptions, out: TextIO = sys.stdout) -> None:
                 gateway_port=options.gateway_port,
                 images=options.images,
                 ca_address=plane.ca.bound_address if plane.ca is not None else "",
+                xds_tls_address=plane.ca.bound_xds_tls_address if plane.ca is not None else "",
                 ca_root_path=(
                     plane.ca.service.ca.directory / "root-cert.pem"
                     if plane.ca is not None and plane.ca.service.ca.directory is not None

@@ -100,6 +100,7 @@ class RuntimeOptions:
     sidecar_log_level: str = "warning"
     #: The control plane's CA (``host:port``); empty: sidecars get no workload certificate.
     ca_address: str = ""
+    xds_tls_address: str = ""  # ADS over mTLS (with the CA); "" keeps ADS plaintext
     ca_root_path: Path | None = None  # the mesh root, copied into each pod's directory
     trust_domain: str = "cluster.local"
 
@@ -437,6 +438,7 @@ class Runtime:
             token_path=str(token_path.resolve()),
             root_path=str(root_path.resolve()),
             trust_domain=options.trust_domain,
+            xds_tls_address=options.xds_tls_address,
         )
 
     def _write_token(self, path: Path, node: ProxyNode) -> None:

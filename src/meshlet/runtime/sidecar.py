@@ -51,6 +51,7 @@ class CaSettings:
     token_path: str
     root_path: str
     trust_domain: str = "cluster.local"
+    xds_tls_address: str = ""  # ADS over mTLS with the workload certificate, once it has one
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -67,8 +68,10 @@ def proxy_bootstrap(
     """The Envoy v3 bootstrap (as JSON-able data) of ``node``'s proxy, dynamic over ADS from
     the control plane at ``xds_address`` (``host:port``); with ``ca``, the node metadata says
     where to get a workload certificate."""
+    if ca is not None and ca.xds_tls_address:
+        xds_address = ca.xds_tls_address
     xds_host, _, xds_port = xds_address.rpartition(":")
-    return {
+    bootstrap: dict[str, Any] = {
         "node": {
             "id": node.id,
             "cluster": f"{node.workload or node.pod}.{node.namespace}",
@@ -112,3 +115,27 @@ def proxy_bootstrap(
             ]
         },
     }
+    if ca is not None and ca.xds_tls_address:
+        # After the certificate (fetched first, with the bootstrap token), ADS itself runs
+        # over mutual TLS: this workload's ``default`` certificate, the mesh root to check
+        # the control plane's (Istio's istiod name as SNI).
+        sds = {"ads": {}, "resource_api_version": "V3"}
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                "UpstreamTlsContext",
+                "sni": "istiod.istio-system.svc",
+                "common_tls_context": {
+                    "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds}],
+                    "combined_validation_context": {
+                        "default_validation_context": {},
+                        "validation_context_sds_secret_config": {
+                            "name": "ROOTCA",
+                            "sds_config": sds,
+                        },
+                    },
+                },
+            },
+        }
+    return bootstrap

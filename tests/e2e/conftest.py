@@ -23,7 +23,6 @@ import http.cookiejar
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -46,27 +45,7 @@ _SERVED_BY = re.compile(r"Reviews served by: <b>([^<]+)</b>")
 _STAR_COLOR = re.compile(r'<font color="([^"]+)"><span class="glyphicon')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports_in_a_row(count: int) -> int:
-    """A port P with P .. P+count-1 free: the mesh puts its CA and mTLS xDS next to xDS."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError(f"no {count} free ports in a row")
+from tests.ports import free_port, free_ports_in_a_row  # noqa: E402
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:

@@ -135,6 +135,16 @@ def free_ports(count: int, taken: set[int]) -> list[int]:
     return found
 
 
+def free_ports_in_a_row(count: int, taken: set[int]) -> list[int]:
+    """``count`` consecutive ports of PORTS, free and unused by earlier starts."""
+    for base in PORTS:
+        block = list(range(base, base + count))
+        if block[-1] in PORTS and all(p not in taken and bindable(HOST, p) for p in block):
+            taken.update(block)
+            return block
+    raise BenchError(f"no {count} free ports in a row in {PORTS.start}-{PORTS.stop - 1}")
+
+
 def pod_block(index: int) -> str:
     """The /24 this start's pods get their addresses from; refused when anything listens on the
     sidecar admin, outbound, inbound or application port of its first addresses."""
@@ -580,7 +590,8 @@ def one_start(
 ) -> dict[str, Any]:
     """One ``meshlet demo``: its start, and for the ``last``, memory and latency. A start that
     never serves the page is recorded as failed, its logs kept in ``out/demo-failed-<n>/``."""
-    api, xds, gateway = free_ports(3, taken)
+    # The mesh puts mTLS xDS and its CA at the xDS port + 1 and + 2: take five in a row.
+    api, xds, _, _, gateway = free_ports_in_a_row(5, taken)
     ports = Ports(api=api, xds=xds, gateway=gateway)
     block = pod_block(index)
     demo = DemoRun(

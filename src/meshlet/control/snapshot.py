@@ -613,6 +613,15 @@ class Snapshot:
         authz: list[AuthorizationPolicyConfig] = []
         peer_authentications: list[Any] = []
         request_authentications: list[tuple[RequestAuthentication, str]] = []
+        from meshlet.control.translate.peer_authn import PeerAuthnConfig
+
+        # Kinds kept as they are: name, namespace, spec and creation, under their config type.
+        kept: list[tuple[type[Any], type[Any], list[Any]]] = [
+            (Sidecar, SidecarConfig, sidecars),
+            (Gateway, GatewayConfig, gateways),
+            (PeerAuthentication, PeerAuthnConfig, peer_authentications),
+            (AuthorizationPolicy, AuthorizationPolicyConfig, authz),
+        ]
         for item in resources:
             model, namespace = _unwrap(item)
             creation = model.metadata.creation_timestamp or ""
@@ -639,46 +648,20 @@ class Snapshot:
                         creation=creation,
                     )
                 )
-            elif isinstance(model, Sidecar):
-                sidecars.append(
-                    SidecarConfig(
-                        name=model.metadata.name,
-                        namespace=namespace,
-                        spec=model.spec,
-                        creation=creation,
-                    )
-                )
-            elif isinstance(model, PeerAuthentication):
-                from meshlet.control.translate.peer_authn import PeerAuthnConfig
-
-                peer_authentications.append(
-                    PeerAuthnConfig(
-                        name=model.metadata.name,
-                        namespace=namespace,
-                        spec=model.spec,
-                        creation=creation,
-                    )
-                )
-            elif isinstance(model, Gateway):
-                gateways.append(
-                    GatewayConfig(
-                        name=model.metadata.name,
-                        namespace=namespace,
-                        spec=model.spec,
-                        creation=creation,
-                    )
-                )
             elif isinstance(model, RequestAuthentication):
                 request_authentications.append((model, namespace))
-            elif isinstance(model, AuthorizationPolicy):
-                authz.append(
-                    AuthorizationPolicyConfig(
-                        name=model.metadata.name,
-                        namespace=namespace,
-                        spec=model.spec,
-                        creation=creation,
-                    )
-                )
+            else:
+                for kind, config, into in kept:
+                    if isinstance(model, kind):
+                        into.append(
+                            config(
+                                name=model.metadata.name,
+                                namespace=namespace,
+                                spec=model.spec,
+                                creation=creation,
+                            )
+                        )
+                        break
         rules.sort(key=lambda r: (r.creation, r.name, r.namespace))
         virtual_services = [
             _prepared(vs, namespace, delegates, domain, memo) for vs, namespace in hosted

@@ -766,15 +766,21 @@ traffic: {args.rate:g} requests/s to {product}"""
         target=_traffic, args=(product, args.rate, stop_traffic, counts), daemon=True
     )
     traffic.start()
+
+    def end_traffic() -> None:
+        """Stop the traffic before the mesh, so that no request meets a closing gateway."""
+        stop_traffic.set()
+        traffic.join(15)
+        if counts:
+            answers = ", ".join(
+                f"{n} x {code or 'no answer'}" for code, n in sorted(counts.items())
+            )
+            print(f"traffic sent: {answers}")
+
     try:
-        return _foreground(client, args.duration)
+        return _foreground(client, args.duration, end_traffic)
     finally:
         stop_traffic.set()
-        traffic.join(5)
-        if counts:
-            print(
-                "traffic sent: " + ", ".join(f"{n} x {code}" for code, n in sorted(counts.items()))
-            )
 
 
 def _wait_page(url: str, deadline: float) -> None:

@@ -879,22 +879,13 @@ def record(path: Path, results: dict[str, Any], notes: str = "") -> None:
         f"- load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f} "
         "(other sessions share this VM; nothing is pinned)\n\n" + markdown(results) + notes
     )
-    text = path.read_text() if path.exists() else report.RESULTS_HEADER
-    start = text.find(f"\n{SECTION}\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + (text[end:] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n\n" + section)
+    report.replace_section(path, SECTION, section)
 
 
 def machine() -> dict[str, Any]:
     described = report.machine()
-    ram_kib = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            ram_kib = int(line.split()[1])
     keys = ("cpu", "cores", "kernel", "python", "git", "uvloop", "httptools")
-    return {k: described[k] for k in keys} | {"ram_gib": ram_kib / 1024 / 1024}
+    return {k: described[k] for k in keys} | {"ram_gib": report.ram_gib()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -374,6 +374,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def ram_gib() -> float:
+    """The machine's memory (``MemTotal``), in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024 / 1024
+    return 0.0
+
+
+def replace_section(path: Path, title: str, section: str) -> None:
+    """Write ``section`` (starting with the ``title`` line, e.g. ``## Demo mesh``) into the
+    results file, in place of an earlier section of that title, else at the end."""
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    start = text.find(f"\n{title}\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end:] if end >= 0 else "")
+    path.write_text(text.rstrip("\n") + "\n\n" + section)
+
+
 RESULTS_HEADER = """\
 # meshlet benchmark results
 

@@ -1176,12 +1176,7 @@ def record(path: Path, results: dict[str, Any]) -> None:
         f"- load average (1 min) before / after: {meta['loadavg'][0]:.2f} / "
         f"{meta['loadavg'][1]:.2f}\n\n" + markdown(results)
     )
-    text = path.read_text() if path.exists() else report.RESULTS_HEADER
-    start = text.find(f"\n{SECTION}\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + (text[end:] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n\n" + section)
+    report.replace_section(path, SECTION, section)
 
 
 # -- main -----------------------------------------------------------------------------------

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from meshlet.runtime.sidecar import ADMIN_PORT, ProxyNode, proxy_bootstrap
-from tests.integration.conftest import meshlet_cmd
+from meshlet.runtime.sidecar import ADMIN_PORT, ProxyNode
 from tests.integration.test_control import ControlPlane, meshlet, start_control
-from tests.integration.test_sidecars import _get, apply, eventually, pod
+from tests.integration.test_sidecars import apply, eventually, pod, running_sidecars
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,7 +99,6 @@ DENIED = (403, "RBAC: access denied")
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
     plane = start_control(tmp_path / "state", tmp_path)
-    proxies: list[subprocess.Popen[bytes]] = []
     try:
         apply(plane, tmp_path, MESH)
         nodes = [
@@ -121,28 +119,9 @@ def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
                 labels={"app": "web", "version": "v1"},
             ),
         ]
-        for node in nodes:
-            config = tmp_path / f"{node.pod}.json"
-            config.write_text(json.dumps(proxy_bootstrap(node, f"127.0.0.1:{plane.xds_port}")))
-            proxies.append(
-                subprocess.Popen(
-                    meshlet_cmd("proxy", "-c", str(config)),
-                    stdout=subprocess.DEVNULL,
-                    stderr=(tmp_path / f"{node.pod}.err").open("wb"),
-                )
-            )
-        for node in nodes:
-            eventually(
-                lambda ip=node.ip: _get(f"http://{ip}:{ADMIN_PORT}/ready") == 200,
-                f"sidecar {node.pod} ready",
-            )
-        with app(SERVER_IP, APP_PORT):
+        with running_sidecars(plane, tmp_path, nodes), app(SERVER_IP, APP_PORT):
             yield plane
     finally:
-        for p in proxies:
-            p.terminate()
-        for p in proxies:
-            p.wait(15)
         plane.stop()
 
 

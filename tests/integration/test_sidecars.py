@@ -164,17 +164,12 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> N
     raise AssertionError(f"timed out waiting: {what}")
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
-    plane = start_control(tmp_path / "state", tmp_path)
+@contextlib.contextmanager
+def running_sidecars(plane: ControlPlane, tmp_path: Path, nodes: list[ProxyNode]) -> Iterator[None]:
+    """``meshlet proxy`` for each node, bootstrapped to ``plane``; ready on entry, stopped on
+    exit."""
     proxies: list[subprocess.Popen[bytes]] = []
     try:
-        apply(plane, tmp_path, [*MESH, shift(100, 0)])
-        nodes = [
-            ProxyNode(pod="client-ccc-1", namespace="default", ip=CLIENT_IP, workload="client"),
-            ProxyNode(pod="web-v1-aaa-1", namespace="default", ip=V1_IP, workload="web-v1"),
-            ProxyNode(pod="web-v2-bbb-1", namespace="default", ip=V2_IP, workload="web-v2"),
-        ]
         for node in nodes:
             config = tmp_path / f"{node.pod}.json"
             config.write_text(json.dumps(proxy_bootstrap(node, f"127.0.0.1:{plane.xds_port}")))
@@ -190,13 +185,31 @@ def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
                 lambda ip=node.ip: _get(f"http://{ip}:{ADMIN_PORT}/ready") == 200,
                 f"sidecar {node.pod} ready",
             )
-        with app(V1_IP, APP_PORT, "v1"), app(V2_IP, APP_PORT, "v2"):
-            yield plane
+        yield
     finally:
         for p in proxies:
             p.terminate()
         for p in proxies:
             p.wait(15)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
+    plane = start_control(tmp_path / "state", tmp_path)
+    try:
+        apply(plane, tmp_path, [*MESH, shift(100, 0)])
+        nodes = [
+            ProxyNode(pod="client-ccc-1", namespace="default", ip=CLIENT_IP, workload="client"),
+            ProxyNode(pod="web-v1-aaa-1", namespace="default", ip=V1_IP, workload="web-v1"),
+            ProxyNode(pod="web-v2-bbb-1", namespace="default", ip=V2_IP, workload="web-v2"),
+        ]
+        with (
+            running_sidecars(plane, tmp_path, nodes),
+            app(V1_IP, APP_PORT, "v1"),
+            app(V2_IP, APP_PORT, "v2"),
+        ):
+            yield plane
+    finally:
         plane.stop()
 
 

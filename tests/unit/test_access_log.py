@@ -428,7 +428,7 @@ def test_duration_filter_compares_milliseconds(manager: AccessLogManager, tmp_pa
         ),
         (
             accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter()),
-            "filter.header_filter: is not supported",
+            "filter.header_filter.header.name: must not be empty",
         ),
         (flag_filter("UH", "XX"), "filter.response_flag_filter.flags[1]: unknown response flag"),
     ],

@@ -17,6 +17,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 
 # Registering the typed_config messages meshlet understands: json_format resolves an Any's
 # "@type" through the default descriptor pool, which only knows imported modules.
+from envoy.config.trace.v3 import opentelemetry_pb2 as _otel_pb2  # noqa: F401
 from envoy.extensions.access_loggers.file.v3 import file_pb2 as _file_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2 as _stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2 as _fault_pb2  # noqa: F401

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 
 from meshlet.proxy import framing
+from meshlet.proxy.filters import metadata_exchange as mx
 from meshlet.proxy.filters.fault import NO_FAULT, decide
 from meshlet.proxy.filters.jwt_authn import MISSING as JWT_MISSING
 from meshlet.proxy.filters.rbac import DENIED_BODY, enforce, request_attributes
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from meshlet.proxy.filters.jwt_authn import Failure, JwtAuthn
     from meshlet.proxy.listener import HcmConfig
     from meshlet.proxy.routing import ClusterChoice, Route
+    from meshlet.proxy.telemetry.tracing import Span
     from meshlet.proxy.upstream.cluster import Cluster
     from meshlet.proxy.worker import ChainRuntime, ListenerRuntime
 
@@ -74,8 +76,10 @@ _NOTED = _DROPPED | {
     b"x-forwarded-proto",
     b"x-forwarded-for",
     _XFCC,
+    b"content-type",  # request_protocol grpc
+    *mx.HEADERS,  # istio.metadata_exchange
 }
-_RESPONSE_NOTED = framing.HOP_BY_HOP | {b"content-length", b"date", b"server"}
+_RESPONSE_NOTED = framing.HOP_BY_HOP | mx.HEADERS | {b"content-length", b"date", b"server"}
 # UUIDv4 layout: version nibble 4 (bits 76-79), variant bits 10 (bits 62-63).
 _UUID_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
 _UUID_SET = (0x4 << 76) | (0x2 << 62)
@@ -108,6 +112,7 @@ class Stream:
         "response_head_only",
         "response_started",
         "router",
+        "span",
         "special",
         "timers",
         "upgrade",
@@ -144,6 +149,7 @@ class Stream:
         # A local reply owed once the requests before this one are answered: the connection
         # failed here (malformed request, timeout) and closes after it.
         self.failure: tuple[int, bytes, str] | None = None
+        self.span: Span | None = None  # only when the HCM traces
 
     def __repr__(self) -> str:
         return (
@@ -203,6 +209,7 @@ class Stream:
         replace_server = hcm.server_name is not None and not hcm.server_append_if_absent
         kept = []
         hop_seen = has_length = has_date = has_server = False
+        peer_value = None  # the upstream's x-envoy-peer-metadata (metadata exchange)
         for kv in headers.items:
             k = kv[0]
             if k in _RESPONSE_NOTED:
@@ -217,6 +224,10 @@ class Stream:
                     has_server = True
                     if replace_server:
                         continue
+                elif k in mx.HEADERS and hcm.metadata_exchange:
+                    if k == mx.PEER_METADATA:
+                        peer_value = kv[1]
+                    continue  # never passed on: the app does not see the exchange
             kept.append(kv)
         if hop_seen:
             # RFC 9110 §7.6.1: the fields a Connection header names are hop-by-hop too.
@@ -225,6 +236,10 @@ class Stream:
                 named = {t.strip().lower() for t in connection.split(b",")}
                 kept = [(k, v) for k, v in kept if k not in named]
         out = Headers(kept)
+        if hcm.metadata_exchange:
+            rt = self.conn.runtime
+            inbound = rt.reporter == "destination"
+            mx.on_response(out, peer_value, info, inbound=inbound, local=rt.mx_headers)
         no_body = head.method == b"HEAD" or status in (204, 304) or status < 200
         self.response_head_only = no_body
         if status == 204 or status < 200:
@@ -700,6 +715,15 @@ class DownstreamConnection(asyncio.Protocol):
             if not stream.request_complete:
                 self.write(framing.CONTINUE_100)
         _sanitize_request(head, stream, hcm, self.peer_ip, rt)
+        if hcm.metadata_exchange:
+            inbound = rt.reporter == "destination"
+            mx.on_request(headers, stream.special, info, inbound=inbound, local=rt.mx_headers)
+        content_type = stream.special.get(b"content-type")
+        if content_type is not None and content_type.startswith(b"application/grpc"):
+            info.grpc = True  # Istio's request_protocol "grpc"
+        tracing = hcm.tracing
+        if tracing is not None:  # the span starts before the filters, as Envoy's HCM does
+            stream.span = rt.tracer.start(tracing, head, outbound=rt.config.outbound)
         # The JWT filter, then the RBAC filters: both before the router, whose work (404, direct
         # responses) they precede; RBAC reads the payload the JWT filter leaves.
         if hcm.jwt_authn is not None and not _jwt_authn(hcm.jwt_authn, stream, head, rt):
@@ -774,6 +798,9 @@ class DownstreamConnection(asyncio.Protocol):
     ) -> None:
         if self.closed or stream.response_complete:
             return
+        span = stream.span
+        if span is not None and stream.head is not None:
+            span.inject(stream.head.headers)  # the router's injectContext
         router = UpstreamRequest(stream, route, action, choice, cluster, self.runtime)
         stream.attach(router)
         router.start()
@@ -862,6 +889,10 @@ class DownstreamConnection(asyncio.Protocol):
         code = info.response_code
         rt.http_stats.record_response_code(code)
         rt.record(info, stream.hcm)
+        span = stream.span
+        if span is not None:
+            stream.span = None
+            rt.tracer.finish(span, info)
 
     # -- errors and timeouts -----------------------------------------------------------------
 

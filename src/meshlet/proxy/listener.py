@@ -10,8 +10,10 @@ chain's HCM the HCM carries an inline route
 configuration (or, for listeners from ADS, an ``rds`` block naming a RouteConfiguration that
 comes over ADS too: the HCM is compiled with an empty table that the ADS client fills in), the
 HTTP filters (``envoy.filters.http.jwt_authn``, ``envoy.filters.http.rbac``,
-``envoy.filters.http.fault`` then ``envoy.filters.http.router``; nothing else), access logs and
-the HCM's timeouts and header rules. Defaults are Envoy's (ENVOY-SEMANTICS §7).
+``envoy.filters.http.fault`` then ``envoy.filters.http.router``, and Istio's
+``istio.metadata_exchange`` and ``istio.stats`` as TypedStructs; nothing else), access logs,
+``tracing`` (``telemetry.tracing``) and the HCM's timeouts and header rules. Defaults are
+Envoy's (ENVOY-SEMANTICS §7).
 
 The connection manager runs its filters in Istio's order (jwt_authn, then RBAC AUDIT/DENY/ALLOW,
 then fault, then the router). A jwt_authn filter listed after another filter is refused rather
@@ -33,6 +35,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from xds.type.v3 import typed_struct_pb2
 
 from meshlet.errors import ConfigError, ProblemList
 from meshlet.proxy.fields import (
@@ -44,10 +47,13 @@ from meshlet.proxy.fields import (
     uint_field,
 )
 from meshlet.proxy.filters.fault import FaultPolicy, compile_fault
+from meshlet.proxy.filters.istio_stats import STATS_CONFIG_TYPE, StatsConfig, compile_stats
 from meshlet.proxy.filters.jwt_authn import JwtAuthn, compile_jwt_authn
+from meshlet.proxy.filters.metadata_exchange import PEER_METADATA_CONFIG_TYPE, TYPED_STRUCT_TYPE
 from meshlet.proxy.filters.rbac import RbacFilter, compile_rbac
 from meshlet.proxy.routing import RouteTable, compile_route_config
 from meshlet.proxy.telemetry.access_log import AccessLogger, compile_access_logs
+from meshlet.proxy.telemetry.tracing import TracingConfig, compile_tracing
 from meshlet.proxy.tls import TLS_INSPECTOR_TYPE, TlsConfig, compile_transport_socket
 
 HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
@@ -57,7 +63,7 @@ RBAC_TYPE = "type.googleapis.com/" + rbac_pb2.RBAC.DESCRIPTOR.full_name
 JWT_AUTHN_TYPE = "type.googleapis.com/" + jwt_pb2.JwtAuthentication.DESCRIPTOR.full_name
 _SUPPORTED_HTTP_FILTERS = (
     "envoy.filters.http.jwt_authn, envoy.filters.http.rbac, envoy.filters.http.fault, "
-    "envoy.filters.http.router"
+    "envoy.filters.http.router, istio.metadata_exchange, istio.stats"
 )
 
 _LISTENER_FIELDS = {
@@ -94,6 +100,7 @@ _HCM_FIELDS = {
     "rds",
     "forward_client_cert_details",
     "set_current_client_cert_details",
+    "tracing",
 }
 
 
@@ -131,6 +138,11 @@ class HcmConfig:
     # adds (subject, uri, dns, cert; Envoy's order).
     forward_client_cert: str = "SANITIZE"
     client_cert_details: tuple[str, ...] = ()
+    # Istio's filters (TypedStructs): peer metadata exchange, and the stats config (None: the
+    # standard metrics with Istio's defaults)
+    metadata_exchange: bool = False
+    istio_stats: StatsConfig | None = None
+    tracing: TracingConfig | None = None  # None: no spans, no trace headers (Envoy's null tracer)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,6 +182,7 @@ class ListenerConfig:
     reporter: str  # "destination" for INBOUND listeners, else "source" (Istio's reporter label)
     chains: tuple[FilterChainConfig, ...]
     tls_inspector: bool = False  # envoy.filters.listener.tls_inspector is configured
+    outbound: bool = False  # traffic_direction OUTBOUND (a sidecar's outbound listener)
 
     @property
     def hcm(self) -> HcmConfig:
@@ -270,6 +283,7 @@ def compile_listener(
         reporter="destination" if inbound else "source",
         chains=tuple(chains),
         tls_inspector=inspector,
+        outbound=proto.traffic_direction == base_pb2.OUTBOUND,
     )
 
 
@@ -381,6 +395,8 @@ def compile_hcm(
     names = []
     rbac: list[RbacFilter] = []
     jwt_authn: JwtAuthn | None = None
+    metadata_exchange = stats_filter = False
+    istio_stats: object = None
     for i, hf in enumerate(proto.http_filters):
         hpath = f"{filters_path}[{i}]"
         guard(lambda hf=hf, hpath=hpath: check_fields(hf, hpath, {"name", "typed_config"}))
@@ -419,6 +435,26 @@ def compile_hcm(
             )
             if isinstance(compiled, RbacFilter):
                 rbac.append(compiled)
+        elif url == TYPED_STRUCT_TYPE:
+            # Istio's own filters; they run around the others, so their place is free.
+            ts = typed_struct_pb2.TypedStruct()
+            hf.typed_config.Unpack(ts)
+            tpath = join(hpath, "typed_config")
+            if ts.type_url == PEER_METADATA_CONFIG_TYPE and not metadata_exchange:
+                metadata_exchange = True
+            elif ts.type_url == STATS_CONFIG_TYPE and not stats_filter:
+                stats_filter = True
+                istio_stats = guard(
+                    lambda ts=ts, tpath=tpath: compile_stats(ts.value, join(tpath, "value"))
+                )
+            elif ts.type_url in (PEER_METADATA_CONFIG_TYPE, STATS_CONFIG_TYPE):
+                problems.add(hpath, f"only one {ts.type_url} filter is supported")
+            else:
+                problems.add(
+                    join(tpath, "type_url"),
+                    f"{ts.type_url or '(empty)'} is not supported (supported: "
+                    f"{PEER_METADATA_CONFIG_TYPE}, {STATS_CONFIG_TYPE})",
+                )
         elif url == ROUTER_TYPE or (not url and hf.name == "envoy.filters.http.router"):
             names.append("router")
             if url:
@@ -455,9 +491,14 @@ def compile_hcm(
             for f in _SET_CURRENT_FIELDS
             if (current.subject.value if f == "subject" else getattr(current, f))
         )
+    tracing = None
+    if proto.HasField("tracing"):
+        tracing = guard(lambda: compile_tracing(proto.tracing, join(path, "tracing")))
     problems.raise_if_any()
     assert isinstance(table, RouteTable)
     assert fault is None or isinstance(fault, FaultPolicy)
+    assert istio_stats is None or isinstance(istio_stats, StatsConfig)
+    assert tracing is None or isinstance(tracing, TracingConfig)
     generate = proto.generate_request_id.value if proto.HasField("generate_request_id") else True
     return HcmConfig(
         stat_prefix=proto.stat_prefix or listener_name,
@@ -491,6 +532,9 @@ def compile_hcm(
         rbac=tuple(rbac),
         forward_client_cert=_XFCC.Name(proto.forward_client_cert_details),
         client_cert_details=details,
+        metadata_exchange=metadata_exchange,
+        istio_stats=istio_stats,
+        tracing=tracing,
     )
 
 

@@ -200,6 +200,7 @@ class UpstreamRequest:
         self.host = host
         self._tried.append(host)
         self.stream.info.upstream_host = host.key
+        self.stream.info.upstream_peer = host.peer  # the response's peer headers override it
         pool = self.pool = cluster.pool(host)
         if not pool.acquire(self):
             self.pool = None

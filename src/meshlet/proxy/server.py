@@ -196,6 +196,8 @@ async def _child_main(
     flusher.cancel()
     serve.cancel()
     worker.stop()
+    await asyncio.sleep(0)  # aborted connections end their streams (and spans) first
+    await worker.flush_traces()
     DEFAULT_MANAGER.close()
     return 0
 
@@ -348,6 +350,8 @@ async def _parent_main(
         with contextlib.suppress(asyncio.CancelledError):
             await xds_task
     worker.stop()
+    await asyncio.sleep(0)  # aborted connections end their streams (and spans) first
+    await worker.flush_traces()
     DEFAULT_MANAGER.close()
     if admin_server is not None:
         admin_server.close()

@@ -10,9 +10,12 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlet.proxy.headers import Headers, RequestHead
+
+if TYPE_CHECKING:
+    from meshlet.proxy.filters.metadata_exchange import Peer
 
 
 class Flag(enum.StrEnum):
@@ -78,11 +81,13 @@ class StreamInfo:
         "bytes_received",
         "bytes_sent",
         "downstream_local",
+        "downstream_peer",
         "downstream_remote",
         "downstream_tls",
         "dynamic_metadata",
         "end",
         "flags",
+        "grpc",
         "request",
         "response_code",
         "response_code_details",
@@ -92,6 +97,7 @@ class StreamInfo:
         "start_wall",
         "upstream_cluster",
         "upstream_host",
+        "upstream_peer",
         "upstream_service_time",
         "virtual_host",
     )
@@ -124,6 +130,10 @@ class StreamInfo:
         self.upstream_host = ""  # "ip:port" of the last upstream tried
         self.upstream_service_time: float | None = None  # ms until upstream response headers
         self.dynamic_metadata = NO_METADATA
+        # Istio's peers (metadata exchange, else endpoint metadata), for the metric labels.
+        self.downstream_peer: Peer | None = None
+        self.upstream_peer: Peer | None = None
+        self.grpc = False  # the request's content-type is application/grpc*
 
     def __repr__(self) -> str:
         return f"<StreamInfo {self.response_code} {self.flags_str} {self.upstream_cluster}>"

@@ -18,11 +18,13 @@ import socket
 
 from meshlet.errors import ConfigError, Problem
 from meshlet.proxy.config import ProxyConfig
+from meshlet.proxy.filters.metadata_exchange import local_headers
 from meshlet.proxy.http1 import DownstreamConnection
 from meshlet.proxy.listener import FilterChainConfig, HcmConfig, ListenerConfig
 from meshlet.proxy.secrets import SecretStore
 from meshlet.proxy.stream_info import DownstreamTls, StreamInfo
 from meshlet.proxy.telemetry.stats import HttpStats, StatsStore
+from meshlet.proxy.telemetry.tracing import NodeTags, Tracer
 from meshlet.proxy.tls import TlsConfig, TlsContexts, TransportInspector
 from meshlet.proxy.upstream.cluster import ClusterManager
 
@@ -67,11 +69,13 @@ class ListenerRuntime:
         "http_stats",
         "local_ip",
         "loop",
+        "mx_headers",
         "reporter",
         "rng",
         "server",
         "stats",
         "tls_contexts",
+        "tracer",
     )
 
     def __init__(
@@ -82,6 +86,9 @@ class ListenerRuntime:
         loop: asyncio.AbstractEventLoop,
         rng: random.Random,
         tls_contexts: TlsContexts | None = None,
+        tracer: Tracer | None = None,
+        *,
+        mx_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.config = config
         self.chains = [ChainRuntime(c) for c in config.chains]
@@ -98,6 +105,10 @@ class ListenerRuntime:
         self.active_faults = 0
         self.local_ip = config.host.encode()
         self.server: asyncio.Server | None = None
+        # istio.metadata_exchange: this node's two headers, encoded once per worker
+        self.mx_headers = mx_headers
+        # The worker's (shared by its listeners); used only by HCMs with tracing configured.
+        self.tracer = tracer or Tracer(NodeTags(), stats.tracing, loop, rng)
 
     def __repr__(self) -> str:
         return f"<ListenerRuntime {self.config.name} connections={len(self.connections)}>"
@@ -124,15 +135,20 @@ class ListenerRuntime:
         return DownstreamConnection(self, chain, tls)
 
     def record(self, info: StreamInfo, hcm: HcmConfig | None = None) -> None:
-        """A stream ended: access logs and Istio metrics."""
-        for logger in (hcm or self.hcm).access_logs:
+        """A stream ended: access logs and Istio metrics (as the HCM's istio.stats says)."""
+        hcm = hcm or self.hcm
+        for logger in hcm.access_logs:
             logger.log(info)
         cluster = info.upstream_cluster
+        # The cluster's Istio metadata names the service (inbound clusters too), else its name.
+        found = self.clusters.get(cluster) if cluster else None
+        service = found.config.istio_service if found is not None else ""
         self.stats.istio.record(
             info,
             reporter=self.reporter,
-            destination_service=_destination_service(cluster),
+            destination_service=service or _destination_service(cluster),
             destination_cluster="",
+            config=hcm.istio_stats,
         )
 
     def apply(self, config: ListenerConfig) -> None:
@@ -195,6 +211,8 @@ class Worker:
         self._config_secrets: set[str] = set()  # names this worker set from configuration
         self.rng = random.Random()
         self.clusters = ClusterManager(self.stats, self.rng)
+        self.tracer = Tracer(NodeTags.from_node(config.node), self.stats.tracing, loop, self.rng)
+        self.mx_headers = local_headers(config.node)  # the node is the bootstrap's: fixed
         self.listeners: dict[str, ListenerRuntime] = {}
         self.shutting_down = False
 
@@ -215,7 +233,14 @@ class Worker:
 
     async def _serve(self, listener: ListenerConfig, sock: socket.socket) -> None:
         rt = ListenerRuntime(
-            listener, self.clusters, self.stats, self.loop, self.rng, self.tls_contexts
+            listener,
+            self.clusters,
+            self.stats,
+            self.loop,
+            self.rng,
+            self.tls_contexts,
+            self.tracer,
+            mx_headers=self.mx_headers,
         )
         rt.server = await self.loop.create_server(rt.accept, sock=sock, backlog=1024)
         self.listeners[listener.name] = rt
@@ -297,6 +322,10 @@ class Worker:
                 rt.drain()
             elif not self.shutting_down:
                 rt.undrain()
+
+    async def flush_traces(self, timeout: float = 2.0) -> None:
+        """Export the spans still queued (shutdown), waiting at most ``timeout`` seconds."""
+        await self.tracer.close(timeout)
 
     @property
     def active_connections(self) -> int:

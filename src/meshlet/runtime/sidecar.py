@@ -6,6 +6,13 @@ SERVICE_ACCOUNT, WORKLOAD_NAME, LABELS, INSTANCE_IPS, POD_NAME). Listeners, rout
 and endpoints all come over ADS from the control plane, through the static ``xds-grpc``
 cluster. The admin interface listens on the pod IP at 15000 (a loopback address: nothing
 outside this machine reaches it).
+
+Metrics are served at ``<pod IP>:15090/stats/prometheus`` as Istio's bootstrap serves them: a
+static listener ``envoy-prometheus`` routes that path to the static cluster
+``prometheus_stats``, the proxy's own admin address. Its HCM carries an ``istio.stats`` filter
+that drops every standard metric, so that scrapes are not counted as requests (in Istio they
+are not counted because that listener has no stats filter at all; meshlet counts requests on
+an HCM without one with Istio's defaults).
 """
 
 from __future__ import annotations
@@ -15,7 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ADMIN_PORT = 15000
+PROMETHEUS_PORT = 15090
 XDS_CLUSTER = "xds-grpc"
+PROMETHEUS_LISTENER = "envoy-prometheus"  # Istio's bootstrap names
+PROMETHEUS_CLUSTER = "prometheus_stats"
+CLUSTER_ID = "Kubernetes"  # Istio's default cluster id (istio-agent's CLUSTER_ID)
+_TYPE = "type.googleapis.com/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +94,8 @@ def proxy_bootstrap(
                 "POD_NAME": node.pod,
                 "LABELS": dict(node.labels),
                 "INSTANCE_IPS": node.ip,
+                "CLUSTER_ID": CLUSTER_ID,
+                "MESH_ID": ca.trust_domain if ca is not None else "cluster.local",
                 **(ca.metadata() if ca is not None else {}),
             },
         },
@@ -96,6 +110,7 @@ def proxy_bootstrap(
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {
+            "listeners": [_prometheus_listener(node.ip)],
             "clusters": [
                 {
                     "name": XDS_CLUSTER,
@@ -111,8 +126,9 @@ def proxy_bootstrap(
                             }
                         ],
                     },
-                }
-            ]
+                },
+                _prometheus_cluster(node.ip),
+            ],
         },
     }
     if ca is not None and ca.xds_tls_address:
@@ -139,3 +155,64 @@ def proxy_bootstrap(
             },
         }
     return bootstrap
+
+
+def _prometheus_listener(ip: str) -> dict[str, Any]:
+    """``envoy-prometheus``: ``GET /stats/prometheus`` on 15090 to the admin's, counted as no
+    Istio request (every standard metric dropped)."""
+    drop_all = {
+        "@type": _TYPE + "xds.type.v3.TypedStruct",
+        "type_url": _TYPE + "stats.PluginConfig",
+        "value": {"metrics": [{"name": "", "drop": True}]},
+    }
+    hcm = {
+        "@type": _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3."
+        "HttpConnectionManager",
+        "codec_type": "AUTO",
+        "stat_prefix": "stats",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "backend",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/stats/prometheus"},
+                            "route": {"cluster": PROMETHEUS_CLUSTER},
+                        }
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {"name": "istio.stats", "typed_config": drop_all},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    return {
+        "name": PROMETHEUS_LISTENER,
+        "address": _address(ip, PROMETHEUS_PORT),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def _prometheus_cluster(ip: str) -> dict[str, Any]:
+    """``prometheus_stats``: the proxy's own admin interface."""
+    return {
+        "name": PROMETHEUS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.250s",
+        "load_assignment": {
+            "cluster_name": PROMETHEUS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(ip, ADMIN_PORT)}}]}],
+        },
+    }

@@ -31,8 +31,12 @@ Rules kept (envoyproxy.io "Role Based Access Control (RBAC) Filter"; ``rbac.prot
 * ``uri_template`` (``envoy.path.match.uri_template.uri_template_matcher``): ``*`` is one
   path segment, ``**`` zero or more, and must be the last operator.
 
-Refused by name: ``matcher`` / ``shadow_matcher`` (the xDS matcher API), non-empty stat
-prefixes, ``track_per_rule_stats``, policy ``condition`` / ``checked_condition`` /
+``shadow_rules_stat_prefix`` names the shadow counters ``rbac.<prefix>shadow_allowed`` /
+``..._denied`` (Istio's dry-run prefixes ``istio_dry_run_allow_`` / ``istio_dry_run_deny_``);
+a shadow result is logged at debug level (``shadow denied, matched policy ...``).
+
+Refused by name: ``matcher`` / ``shadow_matcher`` (the xDS matcher API), a non-empty
+``rules_stat_prefix``, ``track_per_rule_stats``, policy ``condition`` / ``checked_condition`` /
 ``cel_config`` (CEL), ``audit_logging_options``, principal ``filter_state``,
 ``sourced_metadata``, ``custom`` and permission ``matcher``, ``sourced_metadata``.
 """
@@ -409,6 +413,9 @@ class RbacFilter:
 
     rules: RbacEngine | None
     shadow_rules: RbacEngine | None = None
+    # shadow_rules_stat_prefix: the shadow counters are ``rbac.<prefix>shadow_allowed`` /
+    # ``..._denied`` (Istio's dry-run uses ``istio_dry_run_allow_`` / ``istio_dry_run_deny_``)
+    shadow_prefix: str = ""
 
 
 def enforce(
@@ -418,11 +425,19 @@ def enforce(
     the first denial (``rbac_access_denied_matched_policy[...]``), or None to go on."""
     for f in filters:
         if f.shadow_rules is not None:
-            ok, _ = f.shadow_rules.allows(attrs)
-            if ok:
+            ok, policy = f.shadow_rules.allows(attrs)
+            if f.shadow_prefix:
+                stats.count_rbac_shadow(f.shadow_prefix, ok)
+            elif ok:
                 stats.rbac_shadow_allowed += 1
             else:
                 stats.rbac_shadow_denied += 1
+            if log.isEnabledFor(logging.DEBUG):  # Envoy's rbac debug line, as Istio's task shows
+                log.debug(
+                    "shadow %s, matched policy %s",
+                    "allowed" if ok else "denied",
+                    policy or "none",
+                )
         if f.rules is not None:
             ok, policy = f.rules.allows(attrs)
             if ok:
@@ -435,6 +450,7 @@ def enforce(
 
 # --------------------------------------------------------------------------- compiling
 
+_STAT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _HTTP_RBAC_FIELDS = {"rules", "shadow_rules", "rules_stat_prefix", "shadow_rules_stat_prefix"}
 _ACTIONS = {rbac_pb2.RBAC.ALLOW: ALLOW, rbac_pb2.RBAC.DENY: DENY, rbac_pb2.RBAC.LOG: LOG}
 
@@ -443,9 +459,16 @@ def compile_rbac(proto: http_rbac_pb2.RBAC, path: str) -> RbacFilter:
     """Compile the HTTP RBAC filter's config."""
     check_fields(proto, path, _HTTP_RBAC_FIELDS)
     problems = ProblemList()
-    for name in ("rules_stat_prefix", "shadow_rules_stat_prefix"):
-        if getattr(proto, name):
-            problems.add(join(path, name), "is not supported by meshlet (only an empty prefix)")
+    if proto.rules_stat_prefix:
+        problems.add(
+            join(path, "rules_stat_prefix"), "is not supported by meshlet (only an empty prefix)"
+        )
+    shadow_prefix = proto.shadow_rules_stat_prefix
+    if shadow_prefix and not _STAT_NAME.fullmatch(shadow_prefix):
+        problems.add(
+            join(path, "shadow_rules_stat_prefix"),
+            "must be letters, digits and underscores (it becomes part of a stat name)",
+        )
     rules = shadow = None
     try:
         if proto.HasField("rules"):
@@ -458,7 +481,7 @@ def compile_rbac(proto: http_rbac_pb2.RBAC, path: str) -> RbacFilter:
     except ConfigError as e:
         problems.extend(e)
     problems.raise_if_any()
-    return RbacFilter(rules=rules, shadow_rules=shadow)
+    return RbacFilter(rules=rules, shadow_rules=shadow, shadow_prefix=shadow_prefix)
 
 
 def compile_engine(proto: rbac_pb2.RBAC, path: str) -> RbacEngine:

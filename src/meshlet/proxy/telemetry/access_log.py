@@ -40,6 +40,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from meshlet.errors import ConfigError, ProblemList
 from meshlet.proxy.fields import check_fields, join
 from meshlet.proxy.headers import RequestHead
+from meshlet.proxy.matching import compile_header_matcher
 from meshlet.proxy.stream_info import StreamInfo
 
 #: Envoy's default format (``SubstitutionFormatUtils::DEFAULT_FORMAT``).
@@ -581,6 +582,17 @@ def compile_filter(proto: accesslog_pb2.AccessLogFilter, where: str) -> LogFilte
             return lambda info: bool(info.flags)
         wanted_set = frozenset(wanted)
         return lambda info: any(f in wanted_set for f in info.flags)
+    if which == "header_filter":
+        # Envoy: the request's headers against one HeaderMatcher; a stream that never had a
+        # request head (a malformed request) does not match.
+        check_fields(proto.header_filter, sub, ("header",))
+        matcher = compile_header_matcher(proto.header_filter.header, join(sub, "header"))
+
+        def header_filter(info: StreamInfo) -> bool:
+            head = info.request
+            return head is not None and matcher.matches(head)
+
+        return header_filter
     if which in ("and_filter", "or_filter"):
         group = getattr(proto, which)
         if len(group.filters) < 2:

@@ -27,10 +27,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Final
 
+from meshlet.proxy.filters.istio_stats import grpc_status
 from meshlet.proxy.stream_info import StreamInfo
 
 if TYPE_CHECKING:
     from envoy.config.core.v3.base_pb2 import Node
+
+    from meshlet.proxy.filters.istio_stats import StatsConfig
+    from meshlet.proxy.filters.metadata_exchange import Peer
 
 #: Envoy's default histogram bucket bounds (ms), used for every histogram here.
 ENVOY_DEFAULT_BUCKETS: Final[tuple[float, ...]] = (
@@ -297,6 +301,8 @@ class HttpStats:
     downstream_cx_http1_active: int = _gauge()
     downstream_rq_active: int = _gauge()
     active_faults: int = _gauge("fault.active_faults")
+    # counters named at run time: rbac.<shadow_rules_stat_prefix>shadow_allowed / _denied
+    rbac_prefixed: dict[str, int] = field(default_factory=dict)
     downstream_rq_time: Histogram = field(default_factory=Histogram, metadata=_HISTOGRAM)
     downstream_cx_length_ms: Histogram = field(default_factory=Histogram, metadata=_HISTOGRAM)
 
@@ -320,8 +326,16 @@ class HttpStats:
         elif code >= 100:
             self.downstream_rq_1xx += 1
 
+    def count_rbac_shadow(self, prefix: str, allowed: bool) -> None:
+        """A shadow result of an RBAC filter with ``shadow_rules_stat_prefix``:
+        ``rbac.<prefix>shadow_allowed`` or ``..._denied``."""
+        name = f"rbac.{prefix}shadow_{'allowed' if allowed else 'denied'}"
+        self.rbac_prefixed[name] = self.rbac_prefixed.get(name, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
-        return _scope_snapshot(self, _HTTP_STATS)
+        snap = _scope_snapshot(self, _HTTP_STATS)
+        snap[COUNTER].update(self.rbac_prefixed)
+        return snap
 
 
 class ServerState:
@@ -351,9 +365,26 @@ class ServerStats:
         return _scope_snapshot(self, _SERVER_STATS)
 
 
+@dataclass(slots=True, eq=False, repr=False)
+class TracingStats:
+    """Envoy's ``tracing.opentelemetry.*`` stats of one worker's span exporters."""
+
+    spans_sent: int = _counter()
+    spans_dropped: int = _counter()  # queue full, or their export failed
+    export_failures: int = _counter()
+    timer_flushed: int = _counter()
+
+    def __repr__(self) -> str:
+        return f"<TracingStats sent={self.spans_sent} dropped={self.spans_dropped}>"
+
+    def snapshot(self) -> dict[str, Any]:
+        return _scope_snapshot(self, _TRACING_STATS)
+
+
 _CLUSTER_STATS: Final = _stat_table(ClusterStats)
 _HTTP_STATS: Final = _stat_table(HttpStats)
 _SERVER_STATS: Final = _stat_table(ServerStats)
+_TRACING_STATS: Final = _stat_table(TracingStats)
 
 
 # -- Istio's standard metrics ------------------------------------------------------------------
@@ -479,25 +510,64 @@ def service_name_namespace(service: str) -> tuple[str, str]:
 
 
 class _IstioSeries:
-    __slots__ = ("duration", "labels", "request_bytes", "requests", "response_bytes")
+    """The metrics of one label set. A metric that the stats config drops, or that has other
+    labels (its own series), is None here."""
 
-    def __init__(self, labels: tuple[str, ...]) -> None:
+    __slots__ = ("duration", "labels", "names", "request_bytes", "requests", "response_bytes")
+
+    def __init__(
+        self, names: tuple[str, ...], labels: tuple[str, ...], metrics: tuple[bool, ...]
+    ) -> None:
+        self.names = names
         self.labels = labels
-        self.requests = 0
-        self.duration = Histogram()
-        self.request_bytes = Histogram()
-        self.response_bytes = Histogram()
+        self.requests: int | None = 0 if metrics[0] else None
+        self.duration = Histogram() if metrics[1] else None
+        self.request_bytes = Histogram() if metrics[2] else None
+        self.response_bytes = Histogram() if metrics[3] else None
+
+    def add(self, info: StreamInfo) -> None:
+        if self.requests is not None:
+            self.requests += 1
+        if self.duration is not None:
+            self.duration.record(info.duration_ms)
+        if self.request_bytes is not None:
+            self.request_bytes.record(info.bytes_received)
+        if self.response_bytes is not None:
+            self.response_bytes.record(info.bytes_sent)
+
+    def snapshot(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"labels": list(self.labels)}
+        if self.names != ISTIO_LABELS:
+            item["names"] = list(self.names)  # the stats config changed the label set
+        if self.requests is not None:
+            item["requests"] = self.requests
+        for key, _ in _ISTIO_HISTS:
+            hist = getattr(self, key)
+            if hist is not None:
+                item[key] = hist.snapshot()
+        return item
+
+
+_ALL_METRICS: Final = (True, True, True, True)
 
 
 class IstioMetrics:
     """``istio_requests_total`` and the three request histograms, labelled as Istio does.
 
-    The local proxy is the source for ``reporter="source"`` (outbound) and the destination for
-    ``reporter="destination"`` (inbound); the peer's workload is ``unknown`` (no peer metadata
-    exchange yet). On the destination side, a mutual TLS connection gives
+    The local proxy is the source for ``reporter="source"`` (outbound and gateways) and the
+    destination for ``reporter="destination"`` (inbound). The peer is what the metadata
+    exchange found (``StreamInfo.downstream_peer`` inbound, ``upstream_peer`` outbound: the
+    response's headers, else the endpoint's EDS metadata); without one its workload labels
+    are ``unknown``. On the destination side, a mutual TLS connection gives
     ``connection_security_policy="mutual_tls"``, the peer's URI SAN as ``source_principal`` and
     the local principal as ``destination_principal``; plaintext gives ``none`` and ``unknown``
-    principals. The source side reports ``unknown``, as Istio's does.
+    principals. The source side reports ``unknown``, as Istio's does. ``request_protocol`` is
+    ``grpc`` for an ``application/grpc`` request (then ``grpc_response_status`` is the
+    response's ``grpc-status``), else ``http``.
+
+    Hot path: one tuple key (the peer by identity: peers are interned) and one dict lookup per
+    request; the labels of a series are built once, when it is first seen. An ``istio.stats``
+    config adds its fingerprint and, when it has expressions, their values to the key.
     """
 
     __slots__ = ("_series", "node")
@@ -505,8 +575,9 @@ class IstioMetrics:
     def __init__(self, node: NodeInfo) -> None:
         self.node = node
         # (reporter, destination_service, destination_cluster, code, flags, mTLS peer
-        # principal or "" for plaintext) -> series
-        self._series: dict[tuple[str, str, str, int, str, str], _IstioSeries] = {}
+        # principal or "" for plaintext, peer, grpc status or None for http, stats config
+        # fingerprint, expression values) -> the series (one per distinct label set)
+        self._series: dict[tuple[Any, ...], tuple[_IstioSeries, ...]] = {}
 
     def __repr__(self) -> str:
         return f"<IstioMetrics {self.node.workload}.{self.node.namespace} [{len(self._series)}]>"
@@ -518,39 +589,76 @@ class IstioMetrics:
         reporter: str,
         destination_service: str,
         destination_cluster: str,
+        config: StatsConfig | None = None,
     ) -> None:
         """Count one finished request. ``reporter`` is ``source`` or ``destination``.
 
         ``destination_cluster`` is Istio's cluster id of the destination; empty means the
-        local cluster id for ``destination`` and ``unknown`` for ``source``.
+        local cluster id for ``destination`` and the peer's (else ``unknown``) for ``source``.
+        ``config`` is the HCM's ``istio.stats`` filter (None: Istio's defaults).
         """
         tls = info.downstream_tls
-        mtls = tls is not None and tls.mutual and reporter == "destination"
-        peer = (tls.peer_principal or UNKNOWN) if mtls and tls is not None else ""
-        key = (reporter, destination_service, destination_cluster, info.response_code,
-               info.flags_str, peer)  # fmt: skip
+        inbound = reporter == "destination"
+        mtls = inbound and tls is not None and tls.mutual
+        principal = (tls.peer_principal or UNKNOWN) if mtls and tls is not None else ""
+        peer = info.downstream_peer if inbound else info.upstream_peer
+        grpc = grpc_status(info) if info.grpc else None
+        key: tuple[Any, ...]
+        if config is None:
+            key = (reporter, destination_service, destination_cluster, info.response_code,
+                   info.flags_str, principal, peer, grpc)  # fmt: skip
+        else:
+            dims = config.evaluate(info) if config.expressions else ()
+            key = (reporter, destination_service, destination_cluster, info.response_code,
+                   info.flags_str, principal, peer, grpc, config.fingerprint, dims)  # fmt: skip
         series = self._series.get(key)
         if series is None:
-            series = self._series[key] = _IstioSeries(self._labels(*key))
-        series.requests += 1
-        series.duration.record(info.duration_ms)
-        series.request_bytes.record(info.bytes_received)
-        series.response_bytes.record(info.bytes_sent)
+            series = self._series[key] = self._new_series(key, config)
+        for s in series:
+            s.add(info)
+
+    def _new_series(
+        self, key: tuple[Any, ...], config: StatsConfig | None
+    ) -> tuple[_IstioSeries, ...]:
+        labels = self._labels(*key[:8])
+        if config is None:
+            return (_IstioSeries(ISTIO_LABELS, labels, _ALL_METRICS),)
+        dims = key[9]
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[bool]] = {}
+        for i in range(len(_ALL_METRICS)):
+            found = config.labels(i, ISTIO_LABELS, labels, dims)
+            if found is not None:
+                groups.setdefault(found, [False] * len(_ALL_METRICS))[i] = True
+        return tuple(_IstioSeries(n, v, tuple(m)) for (n, v), m in groups.items())
 
     def _labels(
-        self, reporter: str, service: str, cluster: str, code: int, flags: str, mtls_peer: str
+        self,
+        reporter: str,
+        service: str,
+        cluster: str,
+        code: int,
+        flags: str,
+        mtls_peer: str,
+        peer: Peer | None,
+        grpc: str | None,
     ) -> tuple[str, ...]:
         n = self.node
         local_principal = n.principal if mtls_peer else UNKNOWN
         local = (n.workload, n.canonical_service, n.canonical_revision, n.namespace,
                  local_principal, n.app, n.version)  # fmt: skip
-        peer = (UNKNOWN,) * 4 + (mtls_peer or UNKNOWN,) + (UNKNOWN,) * 2
+        if peer is None:
+            remote = (UNKNOWN,) * 4 + (mtls_peer or UNKNOWN,) + (UNKNOWN,) * 2
+            peer_cluster = UNKNOWN
+        else:
+            remote = (peer.workload, peer.canonical_service, peer.canonical_revision,
+                      peer.namespace, mtls_peer or UNKNOWN, peer.app, peer.version)  # fmt: skip
+            peer_cluster = peer.cluster_id
         if reporter == "source":
-            src, dst, security = local, peer, UNKNOWN
-            src_cluster, dst_cluster = n.cluster_id, cluster or UNKNOWN
+            src, dst, security = local, remote, UNKNOWN
+            src_cluster, dst_cluster = n.cluster_id, cluster or peer_cluster
         elif reporter == "destination":
-            src, dst, security = peer, local, "mutual_tls" if mtls_peer else "none"
-            src_cluster, dst_cluster = UNKNOWN, cluster or n.cluster_id
+            src, dst, security = remote, local, "mutual_tls" if mtls_peer else "none"
+            src_cluster, dst_cluster = peer_cluster, cluster or n.cluster_id
         else:
             raise ValueError(f"reporter must be 'source' or 'destination', not {reporter!r}")
         # src/dst: workload, canonical service, canonical revision, namespace, principal, app,
@@ -561,22 +669,18 @@ class IstioMetrics:
             src[0], src[1], src[2], src[3], src[4], src[5], src[6], src_cluster,
             dst[0], dst[3], dst[4], dst[5], dst[6],
             service or UNKNOWN, dst[1], dst[2], svc_name, svc_namespace, dst_cluster,
-            "http", str(code), "", flags, security,
+            "http" if grpc is None else "grpc", str(code), grpc or "", flags, security,
         )  # fmt: skip
 
     def snapshot(self) -> list[dict[str, Any]]:
-        merged: dict[tuple[str, ...], dict[str, Any]] = {}
-        for s in self._series.values():
-            item = {
-                "labels": list(s.labels),
-                "requests": s.requests,
-                "duration": s.duration.snapshot(),
-                "request_bytes": s.request_bytes.snapshot(),
-                "response_bytes": s.response_bytes.snapshot(),
-            }
-            # Different keys can give the same labels (e.g. "" and the local cluster id).
-            prior = merged.get(s.labels)
-            merged[s.labels] = item if prior is None else _merge_istio_item(prior, item)
+        merged: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
+        for group in self._series.values():
+            for s in group:
+                item = s.snapshot()
+                # Different keys can give the same labels (e.g. "" and the local cluster id).
+                key = (s.names, s.labels)
+                prior = merged.get(key)
+                merged[key] = item if prior is None else _merge_istio_item(prior, item)
         return list(merged.values())
 
 
@@ -590,13 +694,14 @@ class StatsStore:
     ``http()`` are dict lookups, not for every request.
     """
 
-    __slots__ = ("_clusters", "_http", "istio", "server")
+    __slots__ = ("_clusters", "_http", "istio", "server", "tracing")
 
     def __init__(self, node: NodeInfo | None = None, *, concurrency: int = 1) -> None:
         self._clusters: dict[str, ClusterStats] = {}
         self._http: dict[str, HttpStats] = {}
         self.istio = IstioMetrics(node if node is not None else NodeInfo())
         self.server = ServerStats(live=1, state=ServerState.LIVE, concurrency=concurrency)
+        self.tracing = TracingStats()
 
     def __repr__(self) -> str:
         return f"<StatsStore clusters={len(self._clusters)} http={len(self._http)}>"
@@ -620,6 +725,7 @@ class StatsStore:
             "clusters": {name: s.snapshot() for name, s in self._clusters.items()},
             "http": {prefix: s.snapshot() for prefix, s in self._http.items()},
             "istio": self.istio.snapshot(),
+            "tracing": self.tracing.snapshot(),
         }
 
 
@@ -627,14 +733,16 @@ def merge_snapshots(snaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Fold worker snapshots into one: counters, activity gauges and histograms add up;
     state gauges (membership, ejections, server) take the maximum."""
     out: dict[str, Any] = {"server": _empty_scope(), "clusters": {}, "http": {}, "istio": []}
-    istio: dict[tuple[str, ...], dict[str, Any]] = {}
+    out["tracing"] = _empty_scope()
+    istio: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, Any]] = {}
     for snap in snaps:
         _merge_scope(out["server"], snap.get("server", {}))
+        _merge_scope(out["tracing"], snap.get("tracing", {}))
         for group in ("clusters", "http"):
             for name, scope in snap.get(group, {}).items():
                 _merge_scope(out[group].setdefault(name, _empty_scope()), scope)
         for item in snap.get("istio", []):
-            key = tuple(item["labels"])
+            key = _istio_key(item)
             prior = istio.get(key)
             istio[key] = _copy_istio_item(item) if prior is None else _merge_istio_item(prior, item)
     out["istio"] = list(istio.values())
@@ -675,15 +783,25 @@ _ISTIO_HISTS: Final = (
 )
 
 
+def _istio_key(item: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(item.get("names", ISTIO_LABELS)), tuple(item["labels"])
+
+
 def _copy_istio_item(item: dict[str, Any]) -> dict[str, Any]:
-    out = {"labels": list(item["labels"]), "requests": item["requests"]}
-    out.update({key: _copy_hist(item[key]) for key, _ in _ISTIO_HISTS})
+    out = {k: v for k, v in item.items() if k in ("labels", "names", "requests")}
+    out["labels"] = list(item["labels"])
+    out.update({key: _copy_hist(item[key]) for key, _ in _ISTIO_HISTS if key in item})
     return out
 
 
 def _merge_istio_item(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = {"labels": list(a["labels"]), "requests": a["requests"] + b["requests"]}
-    out.update({key: _merge_hist(a[key], b[key]) for key, _ in _ISTIO_HISTS})
+    """Two snapshots of one label set; a metric one of them lacks (dropped) is taken as is."""
+    out = _copy_istio_item(a)
+    if "requests" in b:
+        out["requests"] = out.get("requests", 0) + b["requests"]
+    for key, _ in _ISTIO_HISTS:
+        if key in b:
+            out[key] = _merge_hist(out[key], b[key]) if key in out else _copy_hist(b[key])
     return out
 
 
@@ -782,17 +900,20 @@ def render_prometheus(snap: dict[str, Any]) -> str:
     """
     fam = _Families()
     _render_scope(fam, "envoy_server", [], snap.get("server", {}))
+    _render_scope(fam, "envoy_tracing_opentelemetry", [], snap.get("tracing", {}))
     for name in sorted(snap.get("clusters", {})):
         scope = snap["clusters"][name]
         _render_scope(fam, "envoy_cluster", [("envoy_cluster_name", name)], scope)
     for prefix in sorted(snap.get("http", {})):
         scope = snap["http"][prefix]
         _render_scope(fam, "envoy_http", [("envoy_http_conn_manager_prefix", prefix)], scope)
-    for item in sorted(snap.get("istio", []), key=lambda i: i["labels"]):
-        labels = list(zip(ISTIO_LABELS, item["labels"], strict=True))
-        fam.add(ISTIO_REQUESTS, "counter", labels, item["requests"])
+    for item in sorted(snap.get("istio", []), key=_istio_key):
+        labels = list(zip(item.get("names", ISTIO_LABELS), item["labels"], strict=True))
+        if "requests" in item:
+            fam.add(ISTIO_REQUESTS, "counter", labels, item["requests"])
         for key, metric in _ISTIO_HISTS:
-            fam.add_histogram(metric, labels, item[key])
+            if key in item:
+                fam.add_histogram(metric, labels, item[key])
     return fam.render()
 
 
@@ -838,6 +959,7 @@ def render_text(snap: dict[str, Any]) -> str:
         )
 
     scope_lines("server", snap.get("server", {}))
+    scope_lines("tracing.opentelemetry", snap.get("tracing", {}))
     for name, scope in snap.get("clusters", {}).items():
         scope_lines(f"cluster.{name}", scope)
     for prefix, scope in snap.get("http", {}).items():

@@ -41,6 +41,7 @@ from meshlet.proxy.fields import (
     join,
     uint_field,
 )
+from meshlet.proxy.filters.metadata_exchange import endpoint_peer
 from meshlet.proxy.telemetry.stats import ClusterStats, StatsStore
 from meshlet.proxy.tls import TlsConfig, TlsContexts, compile_transport_socket
 from meshlet.proxy.upstream.health import (
@@ -97,6 +98,7 @@ _CLUSTER_FIELDS = {
     "upstream_bind_config",
     "transport_socket",
     "transport_socket_matches",
+    "metadata",
 }
 SOCKET_MATCH_KEY = "envoy.transport_socket_match"  # endpoint filter_metadata key (Istio's)
 
@@ -123,6 +125,9 @@ class EndpointConfig:
     # filter_metadata["envoy.transport_socket_match"], flattened: what transport_socket_matches
     # compare (Istio: tlsMode=istio for endpoints with a sidecar)
     socket_match: tuple[tuple[str, str], ...] = ()
+    # filter_metadata["istio"]["workload"]: "<workload>;<ns>;<canonical svc>;<rev>;<cluster>",
+    # the metrics' destination peer when the response names none (metadata_exchange)
+    istio_workload: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +163,9 @@ class ClusterConfig:
     source_address: str | None = None  # upstream_bind_config: the local address to bind
     transport_socket: TlsConfig | None = None  # None: plaintext
     transport_socket_matches: tuple[SocketMatch, ...] = ()
+    # metadata filter_metadata["istio"]["services"][0]["host"]: Istio's destination_service for
+    # requests to this cluster (istiod sets it on inbound clusters too); "" when absent
+    istio_service: str = ""
 
     def transport_for(self, socket_match: tuple[tuple[str, str], ...]) -> TlsConfig | None:
         """The TLS config for an endpoint with this metadata (Envoy: the first matching
@@ -188,6 +196,9 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
             problems.extend(e)
 
     attempt(lambda: check_fields(proto, path, _CLUSTER_FIELDS))
+    istio_service = [""]
+    if proto.HasField("metadata"):
+        attempt(lambda: istio_service.__setitem__(0, _istio_service(proto, join(path, "metadata"))))
     if not proto.name:
         problems.add(join(path, "name"), "is required")
     discovery = _DISCOVERY.get(proto.type)
@@ -306,7 +317,21 @@ def compile_cluster(proto: cluster_pb2.Cluster, path: str, *, eds: bool = False)
         source_address=source[0],
         transport_socket=transport[0],
         transport_socket_matches=tuple(matches),
+        istio_service=istio_service[0],
     )
+
+
+def _istio_service(proto: cluster_pb2.Cluster, path: str) -> str:
+    """The first ``istio.services`` entry's host in a cluster's metadata (istiod's telemetry
+    metadata: ``[{host, name, namespace}]``); other metadata is kept for no one."""
+    check_fields(proto.metadata, path, {"filter_metadata"})
+    if "istio" not in proto.metadata.filter_metadata:
+        return ""
+    services = proto.metadata.filter_metadata["istio"].fields.get("services")
+    if services is None or not services.list_value.values:
+        return ""
+    first = services.list_value.values[0].struct_value.fields.get("host")
+    return str(first.string_value) if first is not None else ""
 
 
 def _compile_socket_match(tsm: object, path: str, index: int) -> SocketMatch:
@@ -442,10 +467,15 @@ def _compile_endpoint(
     # EDS health: UNHEALTHY, DRAINING and TIMEOUT hosts take no traffic (Envoy's rule).
     healthy = lbe.health_status in (0, 1)
     socket_match: tuple[tuple[str, str], ...] = ()
+    istio_workload = ""
     if lbe.HasField("metadata"):
         check_fields(lbe.metadata, join(path, "metadata"), {"filter_metadata"})
         if SOCKET_MATCH_KEY in lbe.metadata.filter_metadata:
             socket_match = _flatten(lbe.metadata.filter_metadata[SOCKET_MATCH_KEY])
+        if "istio" in lbe.metadata.filter_metadata:
+            istio = lbe.metadata.filter_metadata["istio"].fields
+            if "workload" in istio:
+                istio_workload = istio["workload"].string_value
     return EndpointConfig(
         address=sa.address,
         port=sa.port_value,
@@ -455,6 +485,7 @@ def _compile_endpoint(
         locality=locality,
         healthy=healthy,
         socket_match=socket_match,
+        istio_workload=istio_workload,
     )
 
 
@@ -743,6 +774,7 @@ def _host(ep: EndpointConfig, address: str) -> Host:
         hostname=ep.hostname or (ep.address if ep.address != address else ""),
         locality=ep.locality,
         socket_match=ep.socket_match,
+        peer=endpoint_peer(ep.istio_workload) if ep.istio_workload else None,
     )
     if not ep.healthy:
         host.failed_active_hc = True

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from hashlib import blake2b as _blake2b
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshlet.proxy.filters.metadata_exchange import Peer
 
 
 class Host:
@@ -22,6 +26,7 @@ class Host:
         "failed_outlier",
         "hostname",
         "locality",
+        "peer",
         "port",
         "priority",
         "rq_active",
@@ -43,8 +48,10 @@ class Host:
         hostname: str = "",
         locality: tuple[str, str, str] = ("", "", ""),
         socket_match: tuple[tuple[str, str], ...] = (),
+        peer: Peer | None = None,
     ) -> None:
         self.socket_match = socket_match  # endpoint metadata for transport_socket_matches
+        self.peer = peer  # who runs here, from EDS metadata (Istio's metrics fallback)
         self.address = address
         self.port = port
         self.weight = weight

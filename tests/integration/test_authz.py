@@ -187,3 +187,26 @@ def _text(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=5) as r:
         return str(r.read().decode())
+
+
+def test_a_dry_run_policy_is_counted_but_not_enforced(mesh: ControlPlane, tmp_path: Path) -> None:
+    """istio.io "Dry Run" task: a DENY policy on ``/headers`` annotated ``istio.io/dry-run:
+    "true"`` lets the request through; the proxy counts it as a shadow denial under the
+    ``istio_dry_run_deny_`` prefix. Removing the annotation enforces it."""
+    spec = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/headers"]}}]}]}
+    dry = policy("deny-path-headers", spec)
+    dry["metadata"]["annotations"] = {"istio.io/dry-run": "true"}  # type: ignore[index]
+    apply(mesh, tmp_path, [dry])
+    shadow = ".rbac.istio_dry_run_deny_shadow_denied: "
+
+    def counted() -> bool:
+        call("/headers")
+        return shadow in _text(f"http://{SERVER_IP}:{ADMIN_PORT}/stats")
+
+    eventually(counted, "the dry-run denial counted")
+    assert call("/headers") == (200, "ok")
+    prom = _text(f"http://{SERVER_IP}:{ADMIN_PORT}/stats/prometheus")
+    assert "rbac_istio_dry_run_deny_shadow_denied" in prom
+    apply(mesh, tmp_path, [policy("deny-path-headers", spec)])
+    eventually(lambda: call("/headers") == DENIED, "the policy enforced without dry-run")
+    assert call("/other") == (200, "ok")

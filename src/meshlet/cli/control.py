@@ -84,6 +84,35 @@ def register(commands: Any) -> None:
         metavar="HOST:PORT",
         help="ADS over mTLS, client certificates from the CA (default 127.0.0.1:15011)",
     )
+    p.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=1.0,
+        metavar="PERCENT",
+        help="random trace sampling, 0-100 (default 1, Istio's); Telemetry resources"
+        " override it per workload",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default="",
+        metavar="URL",
+        help="where proxies send spans, OTLP over HTTP (e.g. http://127.0.0.1:4318/v1/traces);"
+        " default: no tracing",
+    )
+    p.add_argument(
+        "--access-log-file",
+        default="",
+        metavar="PATH",
+        help="every proxy's access log (e.g. /dev/stdout); default: off unless a Telemetry"
+        " turns it on",
+    )
+    p.add_argument(
+        "--access-log-encoding",
+        default="TEXT",
+        type=str.upper,
+        choices=("TEXT", "JSON"),
+        help="Istio's default text format or its JSON fields (default TEXT)",
+    )
     p.add_argument("--log-level", default="warning", choices=_LEVELS, help="default warning")
     p.set_defaults(run=run)
 
@@ -107,6 +136,24 @@ def _address(text: str, flag: str) -> str:
     return text
 
 
+def _percent(value: float, flag: str) -> float:
+    if not 0.0 <= value <= 100.0:
+        raise MeshletError(f"{flag} {value:g} is not a percentage from 0 to 100")
+    return value
+
+
+def _otlp_endpoint(text: str, flag: str) -> str:
+    if not text:
+        return text
+    from meshlet.control.translate.telemetry import otlp_address
+
+    try:
+        otlp_address(text)
+    except ValueError as e:
+        raise MeshletError(f"{flag}: {e}") from None
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     from meshlet.control.server import ControlOptions
     from meshlet.control.server import run as serve
@@ -127,5 +174,9 @@ def run(args: argparse.Namespace) -> int:
         workload_cert_ttl=_duration(args.workload_cert_ttl, "--workload-cert-ttl"),
         ca_address=_address(args.ca_address, "--ca-address"),
         xds_tls_address=_address(args.xds_tls_address, "--xds-tls-address"),
+        trace_sampling=_percent(args.trace_sampling, "--trace-sampling"),
+        otlp_endpoint=_otlp_endpoint(args.otlp_endpoint, "--otlp-endpoint"),
+        access_log_file=args.access_log_file,
+        access_log_encoding=args.access_log_encoding,
     )
     return serve(options)

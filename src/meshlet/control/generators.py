@@ -119,7 +119,7 @@ FREEZE_AFTER = 1000
 #: Kinds the registry is built from; any other change leaves it as it was.
 _REGISTRY_KINDS = frozenset({"Service", "ServiceEntry", "WorkloadEntry", "Pod"})
 #: Kinds that change only routes (LDS and RDS); clusters and endpoints stay as generated.
-_ROUTE_ONLY_KINDS = frozenset({"VirtualService", "Gateway"})
+_ROUTE_ONLY_KINDS = frozenset({"VirtualService", "Gateway", "Telemetry"})
 _ROUTE_TYPES = frozenset({LISTENER_TYPE, ROUTE_TYPE})
 
 _Key = tuple[Any, ...]

@@ -72,10 +72,31 @@ class ControlOptions:
     workload_cert_ttl: float = DEFAULT_WORKLOAD_CERT_TTL
     ca_address: str = DEFAULT_CA_ADDRESS
     xds_tls_address: str = DEFAULT_XDS_TLS_ADDRESS
+    #: Telemetry defaults, overridden per workload by Telemetry resources. Random trace
+    #: sampling in percent (Istio's mesh default is 1%).
+    trace_sampling: float = 1.0
+    #: Where proxies post spans (OTLP/HTTP, e.g. ``http://127.0.0.1:4318/v1/traces``);
+    #: empty: no tracing is configured.
+    otlp_endpoint: str = ""
+    #: Access logs of every proxy (e.g. ``/dev/stdout``); empty: off unless a Telemetry turns
+    #: them on (then ``/dev/stdout``).
+    access_log_file: str = ""
+    access_log_encoding: str = "TEXT"  # or "JSON"
 
     @property
     def ca_enabled(self) -> bool:
         return self.ca or self.mtls
+
+    def mesh_config(self) -> MeshConfig:
+        """The mesh-wide settings translation reads."""
+        return MeshConfig(
+            trust_domain=self.trust_domain,
+            enable_auto_mtls=self.mtls,
+            trace_sampling=self.trace_sampling,
+            otlp_endpoint=self.otlp_endpoint,
+            access_log_file=self.access_log_file,
+            access_log_encoding=self.access_log_encoding,
+        )
 
 
 def push_request(events: list[Event]) -> PushRequest:
@@ -122,8 +143,7 @@ class ControlPlane:
         try:
             options = self.options
             store = self.store = Store.in_state_dir(options.state_dir)
-            mesh = MeshConfig(trust_domain=options.trust_domain, enable_auto_mtls=options.mtls)
-            translation = self.translation = Translation(store, mesh=mesh)
+            translation = self.translation = Translation(store, mesh=options.mesh_config())
             self._say(f"store {store.path}: {len(store.list())} objects")
             queue = PushQueue()
             generators: dict[str, Any] = dict(translation.generators())

@@ -27,6 +27,9 @@ Rules kept (``ISTIO-TRANSLATION.md`` §2.1, §2.7, §4.3, §4.4):
   namespace, then the oldest.
 * AuthorizationPolicies apply to a workload from the root namespace (mesh-wide) and its own
   namespace: those without a selector, and those whose selector its labels match.
+* Telemetry: the root namespace's selector-less one, then the proxy's namespace's, then the
+  first (oldest) in its namespace whose selector matches; later ones override earlier ones
+  (``translate.telemetry`` merges them).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from meshlet.api.security import (
     PeerAuthentication,
     RequestAuthentication,
 )
+from meshlet.api.telemetry import Telemetry, TelemetrySpec
 from meshlet.control.registry import (
     DEFAULT_DOMAIN_SUFFIX,
     PUBLIC,
@@ -100,6 +104,11 @@ class MeshConfig:
     default_http_retry_policy: HTTPRetry | None = None  # mesh defaultHttpRetryPolicy
     exclude_503_from_default_retries: bool = True  # EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY
     enable_auto_mtls: bool = False
+    # Telemetry defaults (``meshlet control --trace-sampling`` and friends).
+    trace_sampling: float = 1.0  # percent; Istio's PILOT_TRACE_SAMPLING default
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL; empty: no tracing in the HCMs
+    access_log_file: str = ""  # empty: access logs off unless a Telemetry turns them on
+    access_log_encoding: str = "TEXT"  # or "JSON" (mesh accessLogEncoding)
 
 
 DEFAULT_MESH = MeshConfig()
@@ -399,9 +408,28 @@ class AuthorizationPolicyConfig:
     namespace: str
     spec: AuthorizationPolicySpec
     creation: str = ""
+    #: ``istio.io/dry-run: "true"``: evaluated and counted, never enforced (shadow rules).
+    dry_run: bool = False
 
     def __repr__(self) -> str:
         return f"<AuthorizationPolicy {self.namespace}/{self.name} {self.spec.action}>"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryConfig:
+    name: str
+    namespace: str
+    spec: TelemetrySpec
+    creation: str = ""
+
+    def __repr__(self) -> str:
+        return f"<Telemetry {self.namespace}/{self.name}>"
+
+    @property
+    def selector(self) -> Mapping[str, str] | None:
+        """The workload selector's labels; None for a namespace-wide Telemetry."""
+        selector = self.spec.selector
+        return selector.match_labels if selector is not None and selector.match_labels else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -538,8 +566,13 @@ class Snapshot:
         authorization_policies: Sequence[AuthorizationPolicyConfig] = (),
         peer_authentications: Sequence[Any] = (),
         request_authentications: Sequence[tuple[RequestAuthentication, str]] = (),
+        telemetries: Sequence[TelemetryConfig] = (),
     ) -> None:
         self.mesh = mesh
+        # Oldest first, then by name (istiod's order), by namespace.
+        self._telemetry_by_ns: dict[str, list[TelemetryConfig]] = {}
+        for tc in sorted(telemetries, key=lambda t: (t.creation, t.name)):
+            self._telemetry_by_ns.setdefault(tc.namespace, []).append(tc)
         # (RequestAuthentication, namespace) pairs, in the store's order.
         self.request_authentications = tuple(request_authentications)
         # PeerAuthnConfig values (``translate.peer_authn``), in the store's order.
@@ -613,6 +646,7 @@ class Snapshot:
         authz: list[AuthorizationPolicyConfig] = []
         peer_authentications: list[Any] = []
         request_authentications: list[tuple[RequestAuthentication, str]] = []
+        telemetries: list[TelemetryConfig] = []
         from meshlet.control.translate.peer_authn import PeerAuthnConfig
 
         # Kinds kept as they are: name, namespace, spec and creation, under their config type.
@@ -621,6 +655,7 @@ class Snapshot:
             (Gateway, GatewayConfig, gateways),
             (PeerAuthentication, PeerAuthnConfig, peer_authentications),
             (AuthorizationPolicy, AuthorizationPolicyConfig, authz),
+            (Telemetry, TelemetryConfig, telemetries),
         ]
         for item in resources:
             model, namespace = _unwrap(item)
@@ -653,12 +688,14 @@ class Snapshot:
             else:
                 for kind, config, into in kept:
                     if isinstance(model, kind):
+                        extra = {"dry_run": _dry_run(model)} if kind is AuthorizationPolicy else {}
                         into.append(
                             config(
                                 name=model.metadata.name,
                                 namespace=namespace,
                                 spec=model.spec,
                                 creation=creation,
+                                **extra,
                             )
                         )
                         break
@@ -676,6 +713,7 @@ class Snapshot:
             authorization_policies=authz,
             peer_authentications=peer_authentications,
             request_authentications=request_authentications,
+            telemetries=telemetries,
         )
 
     # -- lookups -------------------------------------------------------------------------------
@@ -762,6 +800,27 @@ class Snapshot:
                 found.append(ap)
         return tuple(found)
 
+    def telemetries_for(self, proxy: Proxy) -> tuple[TelemetryConfig, ...]:
+        """The Telemetries that apply to ``proxy``, least specific first (istiod's
+        ``applicableTelemetries``): the root namespace's selector-less one, the proxy's
+        namespace's selector-less one, then the first whose selector its labels match. In
+        each namespace the oldest wins. Telemetries with ``targetRef(s)`` (waypoints and
+        gateways by Service or Gateway) are not supported and apply to no proxy."""
+        found: list[TelemetryConfig] = []
+        root = self.mesh.root_namespace
+        namespaces = [root] if proxy.namespace == root else [root, proxy.namespace]
+        for namespace in namespaces:
+            for tc in self._telemetry_by_ns.get(namespace, ()):
+                if tc.selector is None and not _targets(tc.spec):
+                    found.append(tc)
+                    break
+        for tc in self._telemetry_by_ns.get(proxy.namespace, ()):
+            selector = tc.selector
+            if selector is not None and labels_match(selector, proxy.labels):
+                found.append(tc)
+                break
+        return tuple(found)
+
     def gateways_for(self, proxy: Proxy) -> tuple[GatewayConfig, ...]:
         """Gateways whose selector picks ``proxy`` (from any namespace, as Istio's default)."""
         if proxy.type is not ProxyType.ROUTER:
@@ -799,6 +858,10 @@ class Snapshot:
         if view is None:
             view = self._views[key] = ProxyView(self, proxy)
         return view
+
+
+def _targets(spec: TelemetrySpec) -> bool:
+    return spec.target_ref is not None or bool(spec.target_refs)
 
 
 def _index_rules(rules: Iterable[DestinationRuleConfig]) -> dict[str, _HostRules]:
@@ -869,6 +932,15 @@ def _merge(hostname: str, rules: list[DestinationRuleConfig]) -> MergedDestinati
     return MergedDestinationRule(
         host=hostname, traffic_policy=policy, subsets=tuple(subsets), sources=tuple(rules)
     )
+
+
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+
+
+def _dry_run(model: Any) -> bool:
+    """Istio's ``istio.io/dry-run`` annotation: "true" (any case) turns it on."""
+    value = (model.metadata.annotations or {}).get(DRY_RUN_ANNOTATION, "")
+    return str(value).strip().lower() == "true"
 
 
 def _unwrap(item: LoadedResource | Resource) -> tuple[Resource, str]:
@@ -1371,6 +1443,7 @@ __all__ = [
     "ServiceInstance",
     "SidecarConfig",
     "Snapshot",
+    "TelemetryConfig",
     "VirtualServiceConfig",
     "host_matches",
     "hosts_overlap",

@@ -84,7 +84,9 @@ APP = app("reviews", service_account="reviews")
 def test_no_policy_no_rbac_filter() -> None:
     sim = Simulation(APP)
     assert [f.name for f in inbound_filters(sim)] == [
+        "istio.metadata_exchange",
         "envoy.filters.http.fault",
+        "istio.stats",
         "envoy.filters.http.router",
     ]
 
@@ -97,8 +99,10 @@ def test_one_filter_per_action_audit_then_deny_then_allow_before_the_others() ->
         policy("action: AUDIT\nrules: [{}]", "l"),
     )
     names = [f.name for f in inbound_filters(sim)]
-    assert names[:3] == ["envoy.filters.http.rbac"] * 3
-    assert names[3:] == ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    # Istio's order: metadata exchange first, RBAC, then the stats filter before the router.
+    assert names[0] == "istio.metadata_exchange"
+    assert names[1:4] == ["envoy.filters.http.rbac"] * 3
+    assert names[4:] == ["envoy.filters.http.fault", "istio.stats", "envoy.filters.http.router"]
     actions = [c.rules.action for c in rbac_configs(sim)]
     assert actions == [2, 1, 0]  # LOG, DENY, ALLOW
     assert list(rbac_configs(sim)[1].rules.policies) == ["ns[default]-policy[d]-rule[0]"]
@@ -275,3 +279,62 @@ def test_custom_is_refused_with_a_message() -> None:
     with pytest.raises(ConfigError) as e:
         Simulation(APP, policy("action: CUSTOM\nprovider: {name: ext}\nrules: [{}]", "ext"))
     assert "spec.action: CUSTOM is not supported by meshlet yet" in e.value.render()
+
+
+def test_dry_run_policies_become_shadow_rules_with_istios_stat_prefixes() -> None:
+    """istio.io "Dry Run": ``istio.io/dry-run: "true"`` evaluates a policy without enforcing
+    it; Envoy carries it as the RBAC filter's ``shadow_rules``."""
+    annotated = policy(
+        """
+            action: DENY
+            rules: [{to: [{operation: {paths: ["/headers"]}}]}]
+            """,
+        name="deny-path-headers",
+    ).replace("metadata:\n", 'metadata:\n  annotations: {"istio.io/dry-run": "true"}\n')
+    sim = Simulation(APP, annotated)
+    [config] = rbac_configs(sim)
+    assert not config.HasField("rules")
+    assert config.shadow_rules_stat_prefix == "istio_dry_run_deny_"
+    assert list(config.shadow_rules.policies) == ["ns[default]-policy[deny-path-headers]-rule[0]"]
+    assert decide(sim, path="/headers") == 200
+    stats = HttpStats()
+    filters = (compile_rbac(config, "rbac"),)
+    head = RequestHead(method=b"GET", path=b"/headers", authority=b"reviews", headers=Headers())
+    attrs = RequestAttributes(
+        head=head,
+        direct_remote_ip=parse_ip("10.1.1.1"),
+        destination_ip=parse_ip("10.0.0.1"),
+        destination_port=9080,
+        peer_principal=None,
+    )
+    assert enforce(filters, attrs, stats) is None
+    assert stats.snapshot()["counters"]["rbac.istio_dry_run_deny_shadow_denied"] == 1
+
+
+def test_a_dry_run_allow_policy_enforces_nothing_beside_an_enforced_one() -> None:
+    """Only-dry-run ALLOW policies must not switch the workload to allow-list mode; an
+    enforced ALLOW policy next to it still decides alone."""
+    dry_allow = policy(
+        """
+        action: ALLOW
+        rules: [{to: [{operation: {methods: ["GET"]}}]}]
+        """,
+        name="dry",
+    ).replace("metadata:\n", 'metadata:\n  annotations: {"istio.io/dry-run": "true"}\n')
+    sim = Simulation(APP, dry_allow)
+    [config] = rbac_configs(sim)
+    assert config.shadow_rules_stat_prefix == "istio_dry_run_allow_"
+    assert decide(sim, method="POST") == 200
+    enforced = policy(
+        """
+        action: ALLOW
+        rules: [{to: [{operation: {paths: ["/public"]}}]}]
+        """,
+        name="public",
+    )
+    sim = Simulation(APP, dry_allow, enforced)
+    [config] = rbac_configs(sim)
+    assert list(config.rules.policies) == ["ns[default]-policy[public]-rule[0]"]
+    assert list(config.shadow_rules.policies) == ["ns[default]-policy[dry]-rule[0]"]
+    assert decide(sim, path="/public") == 200
+    assert decide(sim, path="/other") == 403

@@ -49,7 +49,9 @@ def test_the_connection_manager_has_the_fault_filter_and_a_typed_router_last() -
     sim = Simulation(app("reviews"))
     manager = hcm(sim.listener(CLIENT, "virtualOutbound"))
     assert [f.name for f in manager.http_filters] == [
+        "istio.metadata_exchange",
         "envoy.filters.http.fault",
+        "istio.stats",
         "envoy.filters.http.router",
     ]
     router = manager.http_filters[-1].typed_config
@@ -72,8 +74,10 @@ def test_the_cors_filter_is_added_only_when_a_route_uses_it() -> None:
     )
     names = [f.name for f in hcm(sim.listener(CLIENT, "virtualOutbound")).http_filters]
     assert names == [
+        "istio.metadata_exchange",
         "envoy.filters.http.fault",
         "envoy.filters.http.cors",
+        "istio.stats",
         "envoy.filters.http.router",
     ]
 

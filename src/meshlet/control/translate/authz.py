@@ -6,6 +6,9 @@ Rules kept (``ISTIO-TRANSLATION.md`` §6.3; istio.io "Authorization Policy" refe
 * One RBAC filter per action with policies, in Istio's order: AUDIT (``rules.action: LOG``),
   then DENY, then ALLOW. Evaluation is therefore CUSTOM (not supported), DENY, then ALLOW:
   with any ALLOW policy on the workload, only a request that one matches passes.
+* A policy annotated ``istio.io/dry-run: "true"`` (ALLOW or DENY) goes into its filter's
+  ``shadow_rules``, with ``shadow_rules_stat_prefix`` ``istio_dry_run_allow_`` /
+  ``istio_dry_run_deny_``: counted and logged, never enforced (istio.io "Dry Run" task).
 * CUSTOM needs an ext_authz extension meshlet does not have: such a policy is skipped, with a
   warning (``meshlet analyze`` reports it too).
 * Each rule is a policy ``ns[<ns>]-policy[<name>]-rule[<i>]``; each ``from`` one principal and
@@ -64,23 +67,46 @@ def authz_filters(view: ProxyView) -> list[hcm_pb2.HttpFilter]:
     return rbac_filters(policies)
 
 
+#: Istio's stat prefixes of dry-run results (``shadow_rules_stat_prefix``), by action.
+DRY_RUN_PREFIX = {
+    Action.ALLOW: "istio_dry_run_allow_",
+    Action.DENY: "istio_dry_run_deny_",
+}
+
+
 def rbac_filters(policies: Sequence[AuthorizationPolicyConfig]) -> list[hcm_pb2.HttpFilter]:
     filters: list[hcm_pb2.HttpFilter] = []
     for action, envoy_action in _ACTIONS:
         chosen = [p for p in policies if p.spec.action is action]
         if not chosen:
             continue
-        config = rbac_pb2.RBAC(action=envoy_action)
-        for ap in chosen:
-            for name, policy in policies_of(ap):
-                config.policies[name].CopyFrom(policy)
+        # Dry-run ALLOW and DENY policies (``istio.io/dry-run``) go into the filter's
+        # shadow_rules: evaluated, logged and counted, never enforced. An ALLOW filter with
+        # only dry-run policies therefore has no ``rules`` and allows everything, as Istio's.
+        # Istio supports dry-run for ALLOW and DENY only; an AUDIT policy never denies anyway.
+        dry = [p for p in chosen if p.dry_run and action in DRY_RUN_PREFIX]
+        enforced = [p for p in chosen if p not in dry]
+        config = http_rbac_pb2.RBAC()
+        if enforced:
+            config.rules.CopyFrom(_engine(envoy_action, enforced))
+        if dry:
+            config.shadow_rules.CopyFrom(_engine(envoy_action, dry))
+            config.shadow_rules_stat_prefix = DRY_RUN_PREFIX[action]
         packed = any_pb2.Any()
-        packed.Pack(http_rbac_pb2.RBAC(rules=config))
+        packed.Pack(config)
         filters.append(hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=packed))
     for ap in policies:
         if ap.spec.action is Action.CUSTOM:
             log.warning("AuthorizationPolicy %s/%s: %s", ap.namespace, ap.name, CUSTOM_UNSUPPORTED)
     return filters
+
+
+def _engine(action: int, policies: Sequence[AuthorizationPolicyConfig]) -> rbac_pb2.RBAC:
+    config = rbac_pb2.RBAC(action=action)
+    for ap in policies:
+        for name, policy in policies_of(ap):
+            config.policies[name].CopyFrom(policy)
+    return config
 
 
 def policy_name(namespace: str, name: str, index: int) -> str:

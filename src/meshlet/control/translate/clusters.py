@@ -4,7 +4,8 @@ Every visible service port gets ``outbound|<port>||<host>``, and each Destinatio
 ``outbound|<port>|<subset>|<host>`` (its endpoints are filtered by the subset's labels when
 EDS is built; there is no ``lb_subset_config``). Sidecars also get ``inbound|<port>||`` for
 each port their workload serves, and the fixed BlackHoleCluster, PassthroughCluster and
-InboundPassthroughCluster; gateways only BlackHoleCluster.
+InboundPassthroughCluster; gateways only BlackHoleCluster. With an OTLP endpoint in the mesh
+options, both also get its STATIC cluster (``telemetry.OTLP_CLUSTER``), named by the tracer.
 
 Rules kept (``ISTIO-TRANSLATION.md`` §1.1, §3):
 
@@ -22,11 +23,14 @@ Rules kept (``ISTIO-TRANSLATION.md`` §1.1, §3):
 Where the proxy has a field of its own for what Istio puts in an extension, the proxy's is
 used, so that the proxy accepts it today: connection-pool idle timeout and requests per
 connection go in the cluster's (deprecated) ``common_http_protocol_options`` instead of
-``typed_extension_protocol_options``. Istio's cluster ``metadata`` and the
-``istio.metadata_exchange`` filter are left out (the proxy has neither).
+``typed_extension_protocol_options``. Istio's cluster ``metadata`` and the upstream
+``istio.metadata_exchange`` network filter are left out (the HTTP filter of that name, in
+the HCMs, carries the peer metadata).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
@@ -53,6 +57,7 @@ from meshlet.api.networking import (
     SimpleLB,
 )
 from meshlet.api.security import MTLSMode
+from meshlet.control.registry import Service
 from meshlet.control.snapshot import (
     OutboundCluster,
     Proxy,
@@ -65,6 +70,7 @@ from meshlet.control.snapshot import (
 )
 from meshlet.control.translate.endpoints import load_assignment
 from meshlet.control.translate.peer_authn import infer_service_mode
+from meshlet.control.translate.telemetry import otlp_cluster
 
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
@@ -107,6 +113,9 @@ def build_clusters(snapshot: Snapshot, proxy: Proxy) -> list[cluster_pb2.Cluster
         clusters.append(passthrough_cluster(view))
         clusters.extend(build_inbound_clusters(view))
         clusters.append(inbound_passthrough_cluster(view))
+    collector = otlp_cluster(view.mesh)  # the tracer's http_uri names it
+    if collector is not None:
+        clusters.append(collector)
     return clusters
 
 
@@ -137,6 +146,7 @@ def build_outbound_cluster(c: OutboundCluster, view: ProxyView) -> cluster_pb2.C
         cluster.transport_socket.CopyFrom(socket)
     elif policy.tls is None and _auto_mtls(c, view):
         _transport_socket_matches(cluster, upstream_tls(_ISTIO_MUTUAL, c, view))
+    _istio_services(cluster, [c.service])
     return cluster
 
 
@@ -181,6 +191,11 @@ def build_inbound_clusters(view: ProxyView) -> list[cluster_pb2.Cluster]:
     proxy = view.proxy
     pool = view.sidecar.spec.inbound_connection_pool if view.sidecar is not None else None
     ports: dict[int, tuple[str, ConnectionPoolSettings | None]] = {}
+    services: dict[int, dict[str, Service]] = {}
+    for instance in view.instances:
+        services.setdefault(instance.endpoint.port, {})[instance.service.hostname] = (
+            instance.service
+        )
     ingress = view.sidecar.spec.ingress if view.sidecar is not None else ()
     if ingress:
         for listener in ingress:
@@ -202,8 +217,20 @@ def build_inbound_clusters(view: ProxyView) -> list[cluster_pb2.Cluster]:
         cluster.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
         cluster.load_assignment.CopyFrom(_static_assignment(name, host, port))
         _apply_connection_pool(cluster, settings)
+        served = services.get(port, {})
+        _istio_services(cluster, [served[h] for h in sorted(served)])
         out.append(cluster)
     return out
+
+
+def _istio_services(cluster: cluster_pb2.Cluster, services: Sequence[Service]) -> None:
+    """istiod's cluster metadata ``filter_metadata.istio.services: [{host, name,
+    namespace}]``: the proxy's metrics name ``destination_service`` from the first one (an
+    inbound cluster names no service; several services may share the port)."""
+    if not services:
+        return
+    entries = [{"host": s.hostname, "name": s.name, "namespace": s.namespace} for s in services]
+    cluster.metadata.filter_metadata["istio"].update({"services": entries})
 
 
 def blackhole_cluster(view: ProxyView) -> cluster_pb2.Cluster:

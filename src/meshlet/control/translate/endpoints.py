@@ -14,7 +14,10 @@ Rules kept (``ISTIO-TRANSLATION.md`` §5, ``DESIGN.md``'s xDS facts):
 * An endpoint whose sidecar takes inbound traffic uncaptured (the embedded runtime's pods)
   is sent at its sidecar's inbound port; the sidecar routes by the ``Host`` port.
 * ``metadata.filter_metadata["istio"]["workload"]`` is
-  ``<workload>;<namespace>;<canonical service>;<canonical revision>;<cluster>``.
+  ``<workload>;<namespace>;<canonical service>;<canonical revision>;<cluster>`` for every
+  endpoint backed by a pod or WorkloadEntry: the source side's metrics name the destination
+  from it when the response carries no peer metadata (a server without a sidecar). A pod's
+  workload is its Deployment.
 """
 
 from __future__ import annotations
@@ -136,13 +139,28 @@ def _proximity(proxy: str, endpoint: str) -> int:
     return 0
 
 
+def workload_name(e: Endpoint) -> str:
+    """The Deployment's name for a pod it owns (``<deployment>-<pod-template-hash>-<suffix>``,
+    as Istio's ``GetDeployMetaFromPod`` derives it), else the pod or WorkloadEntry name."""
+    template_hash = e.labels.get("pod-template-hash", "")
+    if template_hash:
+        owner, found, _ = e.workload.rpartition(f"-{template_hash}-")
+        if found and owner:
+            return owner
+    return e.workload
+
+
 def _workload(e: Endpoint) -> str:
+    """Istio's ``istio.workload`` metadata: the canonical service and revision from the
+    labels (``service.istio.io/canonical-*``, else the app and version labels, as Istio's
+    injector sets them; ``latest`` when there is no version)."""
     labels = e.labels
+    workload = workload_name(e)
     service = (
         labels.get("service.istio.io/canonical-name")
         or labels.get("app.kubernetes.io/name")
         or labels.get("app")
-        or e.workload
+        or workload
     )
     revision = (
         labels.get("service.istio.io/canonical-revision")
@@ -150,9 +168,13 @@ def _workload(e: Endpoint) -> str:
         or labels.get("version")
         or "latest"
     )
-    if revision == "latest":
-        revision = ""
-    return f"{e.workload};{e.namespace};{service};{revision};{CLUSTER_ID}"
+    return f"{workload};{e.namespace};{service};{revision};{CLUSTER_ID}"
 
 
-__all__ = ["CLUSTER_ID", "build_endpoints", "cluster_load_assignment", "load_assignment"]
+__all__ = [
+    "CLUSTER_ID",
+    "build_endpoints",
+    "cluster_load_assignment",
+    "load_assignment",
+    "workload_name",
+]

@@ -16,11 +16,13 @@ SNI, with Istio's SDS secret names (``kubernetes://<credentialName>``, or
 
 Istio serves route configurations over RDS and captures traffic transparently; meshlet's
 proxy reads an inline ``route_config`` and is an explicit proxy today, hence these shapes.
-Inbound and gateway HCMs start with the RBAC filters of the AuthorizationPolicies that
-apply (``authz``). The HCM carries the fault filter always, the CORS filter when a route uses
-it, and the router last, with its typed config (grpcio's xDS client refuses a router without
-it).
-Istio HCM settings the proxy does not have (``normalize_path``, websocket upgrades, tracing,
+Every HCM starts with ``istio.metadata_exchange``; inbound and gateway HCMs then have the
+jwt_authn and RBAC filters of the RequestAuthentications and AuthorizationPolicies that
+apply (``request_authn``, ``authz``). The HCM carries the fault filter always, the CORS filter
+when a route uses it, ``istio.stats``, and the router last, with its typed config (grpcio's
+xDS client refuses a router without it). Tracing and access logs come from the Telemetries
+and mesh options in effect (``telemetry``).
+Istio HCM settings the proxy does not have (``normalize_path``, websocket upgrades,
 request-id extension, client certificate details) are left out.
 """
 
@@ -53,6 +55,7 @@ from meshlet.control.translate.routes import (
     http_proxy_route_config,
     inbound_route_config,
 )
+from meshlet.control.translate.telemetry import ListenerClass, apply_telemetry
 
 VIRTUAL_OUTBOUND = "virtualOutbound"
 VIRTUAL_INBOUND = "virtualInbound"
@@ -77,6 +80,7 @@ def outbound_listener(view: ProxyView) -> listener_pb2.Listener:
     hcm = http_connection_manager(
         f"outbound_{ip}_{OUTBOUND_PORT}", http_proxy_route_config(view), inbound=False
     )
+    apply_telemetry(hcm, view, ListenerClass.SIDECAR_OUTBOUND)
     return _listener(VIRTUAL_OUTBOUND, ip, OUTBOUND_PORT, [_chain(hcm)], base_pb2.OUTBOUND)
 
 
@@ -86,6 +90,7 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
         f"inbound_{ip}_{INBOUND_PORT}", inbound_route_config(view), inbound=True
     )
     prepend_filters(hcm, [*jwt_filters(view), *authz_filters(view)])
+    apply_telemetry(hcm, view, ListenerClass.SIDECAR_INBOUND)
     mode = inbound_mtls_mode(view)
     if mode is None or mode is MTLSMode.DISABLE:
         return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
@@ -179,6 +184,7 @@ def gateway_listeners(view: ProxyView) -> list[listener_pb2.Listener]:
         hcm.use_remote_address.value = True
         hcm.server_name = SERVER_NAME
         prepend_filters(hcm, [*jwt_filters(view), *authz_filters(view)])
+        apply_telemetry(hcm, view, ListenerClass.GATEWAY)
         chains: list[listener_components_pb2.FilterChain] = []
         for gw, hosts, tls in tls_servers.get(port, ()):
             chain = _chain(hcm)

@@ -238,6 +238,7 @@ class Mesh:
     gateway: str
     env: dict[str, str]
     daemon_pid: int = 0
+    dashboard: str = ""  # the dashboard's URL ("" when started with --dashboard-port 0)
     pids: set[int] = field(default_factory=set)  # every container process ever seen
     applied: list[Path] = field(default_factory=list)
 
@@ -368,8 +369,13 @@ class Mesh:
 
 
 def start_mesh(cwd: Path, *files: Path, extra: tuple[str, ...] = ()) -> Mesh:
-    """``meshlet up -d -f FILE...`` on free ports, as a user would type it (in ``cwd``)."""
+    """``meshlet up -d -f FILE...`` on free ports, as a user would type it (in ``cwd``).
+
+    Every port is the mesh's own -- API, xDS (and the CA's two next to it), gateway, dashboard
+    and OTLP receiver -- so meshes of parallel tests never meet; ``extra`` flags come last and
+    win (a test that wants its own dashboard port passes ``--dashboard-port``)."""
     api, xds, gateway = free_port(), free_ports_in_a_row(3), free_port()
+    dashboard, otlp = free_port(), free_port()
     server = f"http://127.0.0.1:{api}"
     env = {**os.environ, "MESHLET_SERVER": server}
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
@@ -385,11 +391,14 @@ def start_mesh(cwd: Path, *files: Path, extra: tuple[str, ...] = ()) -> Mesh:
     for path in files:
         args += ["-f", str(path)]
     args += ["--xds-address", f"127.0.0.1:{xds}", "--gateway-port", str(gateway)]
+    args += ["--dashboard-port", str(dashboard), "--otlp-port", str(otlp)]
     args += ["--state-dir", str(mesh.state_dir), *extra]
     try:
         result = mesh.meshlet(*args, timeout=180)
         assert f"ingress gateway: {mesh.gateway}/" in result.stdout, result.stdout
-        mesh.daemon_pid = int(json.loads((mesh.state_dir / "mesh.json").read_text())["pid"])
+        recorded = json.loads((mesh.state_dir / "mesh.json").read_text())
+        mesh.daemon_pid = int(recorded["pid"])
+        mesh.dashboard = str(recorded.get("dashboard") or "")
         mesh.pods()
     except BaseException:
         with contextlib.suppress(Exception):

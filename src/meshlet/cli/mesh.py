@@ -78,6 +78,7 @@ def register(commands: Any) -> None:
         metavar="DURATION",
         help="lifetime of workload certificates, renewed at half-life (default 24h)",
     )
+    _telemetry_options(start, trace_sampling=1.0)
     start.add_argument(
         "--images",
         type=Path,
@@ -157,11 +158,53 @@ def register(commands: Any) -> None:
         default=True,
         help="mutual TLS between sidecars, with a CA (default on)",
     )
+    _telemetry_options(p, trace_sampling=100.0)
     p.set_defaults(run=run_demo, images=[])
 
     p = commands.add_parser("mesh-daemon", parents=[start])
     p.add_argument("--api-address", default="127.0.0.1:15014")
     p.set_defaults(run=run_daemon)
+
+
+def _telemetry_options(p: argparse.ArgumentParser, *, trace_sampling: float) -> None:
+    """The dashboard's, the OTLP receiver's and the tracer's flags (``up``, ``demo``)."""
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=20001,
+        metavar="PORT",
+        help="the dashboard on 127.0.0.1 (default 20001; 0: no dashboard)",
+    )
+    p.add_argument(
+        "--otlp-port",
+        type=int,
+        default=4318,
+        metavar="PORT",
+        help="the mesh's OTLP/HTTP trace receiver on 127.0.0.1, where every proxy sends its"
+        " spans (default 4318; 0: no tracing)",
+    )
+    p.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=trace_sampling,
+        metavar="PERCENT",
+        help=f"percent of requests traced, as Istio's meshConfig (default {trace_sampling:g})",
+    )
+    p.add_argument(
+        "--prometheus",
+        default="",
+        metavar="URL",
+        help="a Prometheus that scrapes the mesh (see `meshlet prometheus-config`), asked by"
+        " the dashboard instead of the embedded scraper",
+    )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the embedded scraper reads every proxy's metrics (default 5); with"
+        " --prometheus, how often that Prometheus scrapes them",
+    )
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
@@ -214,6 +257,11 @@ def run_daemon(args: argparse.Namespace) -> int:
             ca_address=_next_port(args.xds_address, 2),  # 15012 next to 15010, as Istio's
             xds_tls_address=_next_port(args.xds_address, 1),
             workload_cert_ttl=_duration(args.workload_cert_ttl, "--workload-cert-ttl"),
+            dashboard_port=args.dashboard_port,
+            otlp_port=args.otlp_port,
+            trace_sampling=args.trace_sampling,
+            prometheus_url=args.prometheus,
+            scrape_interval=args.scrape_interval,
         )
     )
 
@@ -281,6 +329,11 @@ def _start_daemon(args: argparse.Namespace, client: ControlClient) -> None:
         argv += ["--images", str(image_map)]
     argv.append("--mtls" if getattr(args, "mtls", True) else "--no-mtls")
     argv += ["--workload-cert-ttl", getattr(args, "workload_cert_ttl", "24h")]
+    argv += ["--dashboard-port", str(args.dashboard_port), "--otlp-port", str(args.otlp_port)]
+    argv += ["--trace-sampling", f"{args.trace_sampling:g}"]
+    argv += ["--scrape-interval", f"{args.scrape_interval:g}"]
+    if args.prometheus:
+        argv += ["--prometheus", args.prometheus]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             argv,
@@ -300,7 +353,8 @@ def _start_daemon(args: argparse.Namespace, client: ControlClient) -> None:
             raise MeshletError(
                 "the mesh did not start:\n  "
                 + "\n  ".join(tail)
-                + "\n(is another control plane or mesh using ports 15010/15014?)"
+                + "\n(is another control plane or mesh using ports 15010/15014, or the"
+                " dashboard's and OTLP receiver's 20001/4318?)"
             )
         if _runtime(client) is not None:
             return
@@ -381,6 +435,10 @@ def _print_ready(client: ControlClient, summary: dict[str, Any]) -> None:
     gateway = summary.get("gateway")
     if gateway:
         print(f"ingress gateway: {gateway}/")
+    if summary.get("dashboard"):
+        print(f"dashboard: {summary['dashboard']}/")
+    if summary.get("otlp"):
+        print(f"traces (OTLP/HTTP): {summary['otlp']}")
     print("next: meshlet status | meshlet get pods | meshlet logs POD | meshlet down")
 
 
@@ -521,6 +579,10 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"control plane: {client.url} (state {summary['state_dir']})")
     if summary.get("gateway"):
         print(f"ingress gateway: {summary['gateway']}/")
+    if summary.get("dashboard"):
+        print(f"dashboard: {summary['dashboard']}/")
+    if summary.get("otlp"):
+        print(f"traces (OTLP/HTTP): {summary['otlp']}")
     print()
     statuses = client.request("GET", "/debug/syncz")
     print(status_table(statuses) if statuses else "no proxies connected")

@@ -1,0 +1,17 @@
+"""The mesh's telemetry backend and dashboard: traces, metrics, the service graph, config status.
+
+How the pieces build on each other (each module's docstring has its rules)::
+
+    web         HTTP/1.1: a small server for async handlers, a small client (``fetch``)
+    traces      the bounded trace store (spans by trace, evicting the oldest)
+    otlp        the OTLP/HTTP receiver: POST /v1/traces (protobuf, JSON) → traces
+    metrics     the ``MetricsSource`` interface (counter increases per label group) and the
+                shared arithmetic: counter resets, ``histogram_quantile``
+    scraper     the embedded source: scrapes every proxy's :15090/stats/prometheus into rings
+    prometheus  the other source: PromQL against a real Prometheus's HTTP API
+    golden      rate, errors, latency from a source: graph, workload/service tables, series
+    server      the dashboard's JSON API and the static UI (``static/``, written separately)
+
+The mesh daemon (``meshlet.runtime.daemon``) starts the receiver, the scraper and the
+dashboard on its event loop, next to the control plane whose store they read.
+"""

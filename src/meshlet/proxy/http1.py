@@ -525,7 +525,9 @@ class DownstreamConnection(asyncio.Protocol):
         rt = self.runtime
         loop_time = rt.loop.time()
         info = StreamInfo(
-            start=loop_time,
+            # time.monotonic(), not the loop's clock: uvloop's has millisecond steps, and
+            # durations (istio_request_duration_milliseconds, spans) need better
+            start=time.monotonic(),
             start_wall=time.time(),
             downstream_remote=self.peer,
             downstream_local=self.local,
@@ -885,7 +887,7 @@ class DownstreamConnection(asyncio.Protocol):
     def _log(self, stream: Stream) -> None:
         info = stream.info
         rt = self.runtime
-        info.end = rt.loop.time()
+        info.end = time.monotonic()
         code = info.response_code
         rt.http_stats.record_response_code(code)
         rt.record(info, stream.hcm)
@@ -906,7 +908,7 @@ class DownstreamConnection(asyncio.Protocol):
             stream = streams[-1]  # the request being parsed is the malformed one
         else:
             info = StreamInfo(
-                start=self.runtime.loop.time(),
+                start=time.monotonic(),
                 start_wall=time.time(),
                 downstream_remote=self.peer,
                 downstream_local=self.local,

@@ -22,14 +22,16 @@ Rules kept (``ISTIO-TRANSLATION.md`` §5, ``DESIGN.md``'s xDS facts):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
+from meshlet.api.security import MTLSMode
 from meshlet.control.registry import Endpoint
 from meshlet.control.snapshot import OutboundCluster, Proxy, ProxyView, Snapshot
+from meshlet.control.translate.peer_authn import workload_mode
 
 CLUSTER_ID = "Kubernetes"  # Istio's default cluster id, the last field of istio.workload
 _HEALTHY = health_check_pb2.HEALTHY
@@ -51,13 +53,38 @@ def load_assignment(
     labels = c.labels
     chosen = [e for e in endpoints if e.ready and (labels is None or e.matches(labels))]
     failover = c.policy.outlier_detection is not None and bool(view.proxy.locality)
+    mtls = view.mesh.enable_auto_mtls
     return cluster_load_assignment(
         c.name,
         chosen,
         proxy_locality=view.proxy.locality if failover else "",
         cache=view.snapshot.memo,
         direct=direct,
-        mtls=view.mesh.enable_auto_mtls,
+        mtls=mtls,
+        plaintext=_mtls_disabled(chosen, view) if mtls else frozenset(),
+    )
+
+
+def _mtls_disabled(endpoints: Sequence[Endpoint], view: ProxyView) -> frozenset[int]:
+    """Auto mTLS sends plaintext to a sidecar whose PeerAuthentication mode for the endpoint's
+    port is DISABLE (istiod's mtlsChecker reads workload and port-level policies; namespace
+    and mesh ones already decide the whole cluster: ``clusters._auto_mtls``). The ids of
+    those endpoints."""
+    policies = view.snapshot.peer_authentications
+    if not any(p.selector is not None for p in policies):
+        return frozenset()
+    return frozenset(
+        id(e)
+        for e in endpoints
+        if e.tls_mode == "istio"
+        and workload_mode(
+            policies,
+            namespace=e.namespace,
+            labels=e.labels,
+            port=e.port,
+            root_namespace=view.mesh.root_namespace,
+        )
+        is MTLSMode.DISABLE
     )
 
 
@@ -69,12 +96,14 @@ def cluster_load_assignment(
     cache: dict[Any, Any] | None = None,
     direct: bool = False,
     mtls: bool = False,
+    plaintext: frozenset[int] = frozenset(),
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints grouped by locality, weights set on every group and endpoint.
 
     ``proxy_locality``: when given, groups get failover priorities relative to it.
     ``cache``: where to keep each endpoint's proto for the next cluster that has it (a
     service's endpoints appear in its cluster and again in its subsets').
+    ``plaintext``: ids of endpoints auto mTLS must not pick TLS for (DISABLE).
     """
     groups: dict[str, list[Endpoint]] = {}
     for e in endpoints:
@@ -101,10 +130,11 @@ def cluster_load_assignment(
         members = groups[locality]
         protos = []
         for e in members:
-            key = ("lb_endpoint", id(e), direct, mtls)
+            tls = mtls and id(e) not in plaintext
+            key = ("lb_endpoint", id(e), direct, tls)
             proto = cache.get(key)
             if proto is None:
-                proto = cache[key] = _lb_endpoint(e, direct, mtls)
+                proto = cache[key] = _lb_endpoint(e, direct, tls)
             protos.append(proto)
         group.lb_endpoints.extend(protos)
         group.load_balancing_weight.value = sum(e.weight or 1 for e in members)

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -44,7 +46,7 @@ from google.protobuf import any_pb2, duration_pb2
 from meshlet.api.networking import ServerTLSMode, ServerTLSSettings
 from meshlet.api.security import MTLSMode
 from meshlet.control.snapshot import GatewayConfig, Proxy, ProxyType, ProxyView, Snapshot
-from meshlet.control.translate.authz import authz_filters
+from meshlet.control.translate.authz import RBAC_FILTER, authz_filters
 from meshlet.control.translate.clusters import TRANSPORT_SOCKET_TLS, sds_secret
 from meshlet.control.translate.peer_authn import workload_mode
 from meshlet.control.translate.request_authn import applicable, jwt_authn_filter
@@ -92,22 +94,39 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
     prepend_filters(hcm, [*jwt_filters(view), *authz_filters(view)])
     apply_telemetry(hcm, view, ListenerClass.SIDECAR_INBOUND)
     mode = inbound_mtls_mode(view)
-    if mode is None or mode is MTLSMode.DISABLE:
+    if mode is None:
         return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
+    ports = inbound_port_modes(view, mode)
+    modes = {mode, *ports.values()}
     # Istio's inbound chains: mutual TLS with this workload's certificate, the peer's
     # certificate checked against the mesh's root and its identity passed on in XFCC; with
     # PERMISSIVE, plaintext on the same port too, told apart by the TLS inspector.
-    mtls_hcm = hcm_pb2.HttpConnectionManager()
-    mtls_hcm.CopyFrom(hcm)
-    mtls_hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
-    mtls_hcm.set_current_client_cert_details.uri = True
-    mtls = _chain(mtls_hcm)
-    mtls.name = "inbound-mtls"
-    mtls.filter_chain_match.transport_protocol = "tls"
-    mtls.transport_socket.CopyFrom(inbound_mtls_socket())
-    chains = [mtls]
-    if mode is MTLSMode.PERMISSIVE:
-        plain = _chain(hcm)
+    tls_needed = bool(modes & {MTLSMode.STRICT, MTLSMode.PERMISSIVE})
+    plain_needed = bool(modes & {MTLSMode.PERMISSIVE, MTLSMode.DISABLE})
+    chains = []
+    if tls_needed:
+        mtls_hcm = hcm_pb2.HttpConnectionManager()
+        mtls_hcm.CopyFrom(hcm)
+        mtls_hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        mtls_hcm.set_current_client_cert_details.uri = True
+        mtls = _chain(mtls_hcm)
+        mtls.name = "inbound-mtls"
+        mtls.filter_chain_match.transport_protocol = "tls"
+        mtls.transport_socket.CopyFrom(inbound_mtls_socket())
+        chains.append(mtls)
+    if not plain_needed:
+        pass
+    elif not tls_needed:
+        return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
+    else:
+        guard = plaintext_port_guard(mode, ports)
+        if guard is not None:
+            plain_hcm = hcm_pb2.HttpConnectionManager()
+            plain_hcm.CopyFrom(hcm)
+            prepend_filters(plain_hcm, [guard])
+        else:
+            plain_hcm = hcm
+        plain = _chain(plain_hcm)
         plain.name = "inbound-plaintext"
         plain.filter_chain_match.transport_protocol = "raw_buffer"
         chains.append(plain)
@@ -115,6 +134,63 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
     inspector = listener.listener_filters.add(name=TLS_INSPECTOR_FILTER)
     inspector.typed_config.Pack(tls_inspector_pb2.TlsInspector())
     return listener
+
+
+def inbound_port_modes(view: ProxyView, mode: MTLSMode) -> dict[int, MTLSMode]:
+    """``portLevelMtls``: the mode of each port a request may name in its ``Host``, where
+    it differs from the workload's ``mode``. The policy's keys are the workload's (target)
+    ports; clients name the service port, so each service port takes its target's mode."""
+    policies = view.snapshot.peer_authentications
+    proxy = view.proxy
+    if not any(p.spec.port_level_mtls for p in policies):
+        return {}
+
+    def at(port: int) -> MTLSMode:
+        found = workload_mode(
+            policies,
+            namespace=proxy.namespace,
+            labels=proxy.labels,
+            port=port,
+            root_namespace=view.mesh.root_namespace,
+        )
+        return MTLSMode.PERMISSIVE if found is MTLSMode.UNSET else found
+
+    out: dict[int, MTLSMode] = {}
+    for policy in policies:
+        for key in policy.spec.port_level_mtls:
+            out[int(key)] = at(int(key))
+    for instance in view.instances:
+        out[instance.port.port] = at(instance.endpoint.port)
+    return {port: m for port, m in out.items() if m is not mode}
+
+
+PORT_MTLS_POLICY = "peer-authentication-port-level-mtls"
+
+
+def plaintext_port_guard(mode: MTLSMode, ports: dict[int, MTLSMode]) -> hcm_pb2.HttpFilter | None:
+    """The RBAC filter that keeps plaintext requests off STRICT ports, on the plaintext chain
+    of a listener whose ports differ in mode. Istio tells ports apart by the captured
+    destination port and refuses the connection; here every port shares 15006, so the port
+    is the one the request names and the refusal is a 403 ``RBAC: access denied``."""
+    plaintext_ok = mode in (MTLSMode.PERMISSIVE, MTLSMode.DISABLE)
+    if plaintext_ok:  # deny the STRICT ports
+        chosen = sorted(p for p, m in ports.items() if m is MTLSMode.STRICT)
+        action = rbac_pb2.RBAC.DENY
+    else:  # the workload is STRICT: allow only the ports that take plaintext
+        chosen = sorted(p for p, m in ports.items() if m is not MTLSMode.STRICT)
+        action = rbac_pb2.RBAC.ALLOW
+    if plaintext_ok and not chosen:
+        return None
+    config = rbac_pb2.RBAC(action=action)
+    policy = config.policies[PORT_MTLS_POLICY]
+    policy.principals.add(any=True)
+    if chosen:
+        ports_rule = policy.permissions.add().or_rules
+        for port in chosen:
+            ports_rule.rules.add(destination_port=port)
+    else:
+        policy.permissions.add(not_rule=rbac_pb2.Permission(any=True))
+    return _filter(RBAC_FILTER, http_rbac_pb2.RBAC(rules=config))
 
 
 def jwt_filters(view: ProxyView) -> list[hcm_pb2.HttpFilter]:
@@ -132,8 +208,8 @@ def jwt_filters(view: ProxyView) -> list[hcm_pb2.HttpFilter]:
 
 def inbound_mtls_mode(view: ProxyView) -> MTLSMode | None:
     """The PeerAuthentication mode of this workload's inbound side (workload > namespace >
-    mesh, PERMISSIVE by default); None while the mesh runs without mTLS. All inbound traffic
-    shares port 15006 here, so the workload-level mode applies (not ``portLevelMtls``)."""
+    mesh, PERMISSIVE by default); None while the mesh runs without mTLS. ``portLevelMtls``
+    is ``inbound_port_modes``."""
     if not view.mesh.enable_auto_mtls:
         return None
     mode = workload_mode(

@@ -14,7 +14,8 @@
   is dropped.
 * A series that first appears on a target scraped before is new since the last scrape: it
   grew from 0 (a baseline of 0 at the previous scrape is added), so the first request with a
-  new label set (the first 503, say) counts. On a target's first scrape there is no baseline.
+  new label set (the first 503, say) counts. On a target's first scrape the baseline is the
+  proxy's start (``envoy_server_uptime`` ago): its counters began at 0 then.
 * Counter resets (a restarted proxy) are handled where increases are computed
   (``metrics.counter_increase``).
 
@@ -118,6 +119,20 @@ _TYPE_LINES = tuple(
 )
 
 
+_UPTIME = "envoy_server_uptime "
+
+
+def parse_uptime(text: str) -> float | None:
+    """The proxy's ``envoy_server_uptime`` (seconds since it started), if it reports one."""
+    for line in text.splitlines():
+        if line.startswith(_UPTIME):
+            try:
+                return float(line[len(_UPTIME) :].split()[0])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
 def parse_istio(text: str) -> list[tuple[str, Labels, float]]:
     """The samples of ``METRICS`` in a Prometheus text exposition: (name, labels, value)."""
     kept = [
@@ -176,11 +191,19 @@ class SeriesStore:
         return state
 
     def record(
-        self, target: Target, now: float, samples: Iterable[tuple[str, Labels, float]]
+        self,
+        target: Target,
+        now: float,
+        samples: Iterable[tuple[str, Labels, float]],
+        *,
+        started: float | None = None,
     ) -> None:
-        """One successful scrape of ``target`` at ``now``."""
+        """One successful scrape of ``target`` at ``now``. ``started``: when the proxy started
+        (now - its uptime); on a target's first scrape its counters grew from 0 since then,
+        so traffic before the first scrape counts too."""
         state = self._state(target)
         state.error = ""
+        baseline = state.last_scrape if state.last_scrape is not None else started
         for metric, labels, value in samples:
             key = (metric, labels)
             series = state.series.get(key)
@@ -188,8 +211,8 @@ class SeriesStore:
                 series = state.series[key] = Series(
                     metric=metric, labels=dict(labels), samples=deque(maxlen=self.capacity)
                 )
-                if state.last_scrape is not None and value > 0:
-                    series.samples.append((state.last_scrape, 0.0))  # new since then
+                if baseline is not None and baseline < now and value > 0:
+                    series.samples.append((baseline, 0.0))  # new since then
             ring = series.samples
             if not ring or ring[-1][1] != value:
                 ring.append((now, value))
@@ -355,9 +378,14 @@ class Scraper:
                 fetched = await fetch(url, timeout=self.timeout)
             if fetched.status != 200:
                 raise WebError(f"GET {url}: HTTP {fetched.status}")
-            samples = parse_istio(fetched.body.decode("utf-8", "replace"))
+            text = fetched.body.decode("utf-8", "replace")
+            samples = parse_istio(text)
         except (WebError, ValueError) as e:
             log.debug("scrape of %s failed: %s", url, e)
             self.store.failed(target, str(e))
             return
-        self.store.record(target, self.clock(), samples)
+        now = self.clock()
+        uptime = parse_uptime(text)
+        self.store.record(
+            target, now, samples, started=None if uptime is None else now - uptime - 1.0
+        )

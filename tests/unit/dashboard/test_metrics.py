@@ -21,7 +21,13 @@ from meshlet.dashboard.metrics import (
     histogram_quantile,
     steps,
 )
-from meshlet.dashboard.scraper import EmbeddedSource, SeriesStore, Target, parse_istio
+from meshlet.dashboard.scraper import (
+    EmbeddedSource,
+    SeriesStore,
+    Target,
+    parse_istio,
+    parse_uptime,
+)
 
 INF = math.inf
 
@@ -134,6 +140,16 @@ def test_on_a_targets_first_scrape_there_is_no_baseline() -> None:
     store.record(TARGET, 100.0, parse_istio(_text(1000)))  # counted before we looked
     store.record(TARGET, 105.0, parse_istio(_text(1004)))
     assert _increase(store, 60.0, 105.0) == 4.0
+
+
+def test_on_a_first_scrape_the_proxys_start_is_the_baseline() -> None:
+    """A proxy that reports its uptime began counting from 0 then: traffic served before the
+    scraper first reached it counts (the first seconds of a new mesh)."""
+    store = SeriesStore()
+    store.record(TARGET, 100.0, parse_istio(_text(61)), started=97.0)
+    assert _increase(store, 60.0, 100.0) == 61.0
+    assert parse_uptime("# TYPE envoy_server_uptime gauge\nenvoy_server_uptime 33\n") == 33.0
+    assert parse_uptime("envoy_server_live 1\n") is None
 
 
 def test_a_restarted_proxy_resets_its_counters_without_negative_rates() -> None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import meshlet
-from meshlet.cli import analyze, config, control, debug, mesh, proxy
+from meshlet.cli import analyze, config, control, debug, mesh, proxy, telemetry
 from meshlet.errors import ConfigError, MeshletError
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     debug.register(commands)
     analyze.register(commands)
     mesh.register(commands)
+    telemetry.register(commands)
     return parser
 
 

@@ -462,7 +462,7 @@ scrape_configs:
 
 
 def _request(path: str) -> Any:
-    from meshlet.dashboard.web import Request
+    from meshlet.web import Request
 
     return Request(method="GET", path=path)
 
@@ -471,8 +471,8 @@ def test_a_taken_port_stops_the_mesh_with_the_flag_to_change(tmp_path: Path) -> 
     """The daemon's telemetry refuses to start on a port in use, naming the flag to change."""
     import socket
 
-    from meshlet.dashboard.web import WebError
     from meshlet.runtime.daemon import MeshOptions, Telemetry
+    from meshlet.web import WebError
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))

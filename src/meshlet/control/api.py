@@ -21,14 +21,12 @@ the Kubernetes API server's. An invalid ``/apply`` lists every problem in
 ``details.causes`` (``index``: which object, ``field``, ``message``) and applies nothing.
 
 ``ApiHandler.handle`` is the whole behaviour, a function of the request and the store;
-``ApiServer`` only moves bytes (``asyncio.start_server``, one request per connection: the
-CLI makes one call per command, so keep-alive would buy nothing).
+``ApiServer`` only moves bytes: it is ``meshlet.web.WebServer`` (one request per connection,
+``content-length`` bodies of up to 16 MiB), answering its own errors as ``Status`` objects.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -38,27 +36,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from meshlet.api import REGISTRY, KindInfo, load_object
 from meshlet.control.store import ConflictError, ObjectKey, Store
-from meshlet.errors import ConfigError, MeshletError, Problem
+from meshlet.errors import ConfigError, Problem
+from meshlet.web import Request, WebServer
+from meshlet.web import Response as Response  # re-exported: control routes return it
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:15014"
-MAX_BODY = 16 * 1024 * 1024
-_HEAD_TIMEOUT = 30.0
 #: The ``type`` values of ``/debug/config_dump``, as ``meshlet proxy-config`` names them.
 CONFIG_TYPES = ("listeners", "routes", "clusters", "endpoints")
 
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Payload Too Large",
-    422: "Unprocessable Entity",
-    500: "Internal Server Error",
-}
 _STATUS_REASONS = {
     400: "BadRequest",
     404: "NotFound",
@@ -68,34 +55,6 @@ _STATUS_REASONS = {
     422: "Invalid",
     500: "InternalError",
 }
-
-
-class ApiError(MeshletError):
-    """The API cannot start (its address is taken or invalid)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-
-    @classmethod
-    def json(cls, data: Any, status: int = 200) -> Response:
-        return cls(status=status, body=json.dumps(data, indent=2).encode() + b"\n")
-
-    @classmethod
-    def text(cls, text: str, status: int = 200) -> Response:
-        return cls(status=status, body=text.encode(), content_type="text/plain; version=0.0.4")
-
-    def encode(self) -> bytes:
-        head = (
-            f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Unknown')}\r\n"
-            f"content-type: {self.content_type}\r\n"
-            f"content-length: {len(self.body)}\r\n"
-            "connection: close\r\n\r\n"
-        )
-        return head.encode() + self.body
 
 
 def status(code: int, message: str, causes: list[dict[str, Any]] | None = None) -> Response:
@@ -211,6 +170,12 @@ class ApiHandler:
                 "GET /debug/config_dump": lambda q, b: self.dump(q),
             }
         )
+
+    async def __call__(self, request: Request) -> Response:
+        # Handlers are short (SQLite in WAL mode, small batches): run them on the loop, so
+        # that store watchers and snapshots keep to one thread.
+        target = f"{request.path}?{request.query_string}" if request.query_string else request.path
+        return self.handle(request.method, target, request.body)
 
     def handle(self, method: str, target: str, body: bytes) -> Response:
         """One request. Never raises: an unexpected failure is a 500 ``Status``."""
@@ -372,79 +337,14 @@ def _json_body(body: bytes) -> Any:
         return status(400, f"the body is not JSON: {e}")
 
 
-class ApiServer:
-    """Serves an ``ApiHandler`` over HTTP/1.1 at ``address`` (``host:port``; port 0 picks one)."""
+class ApiServer(WebServer):
+    """Serves an ``ApiHandler`` at ``address`` (``host:port``; port 0 picks one)."""
 
     def __init__(self, handler: ApiHandler, address: str = DEFAULT_ADDRESS) -> None:
-        self.handler = handler
-        self.address = address
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    def __repr__(self) -> str:
-        return f"<ApiServer {self.bound_address}>"
-
-    @property
-    def bound_address(self) -> str:
-        host = self.address.rsplit(":", 1)[0]
-        return f"{host}:{self.port}"
-
-    async def start(self) -> None:
-        host, _, port = self.address.rpartition(":")
-        try:
-            self._server = await asyncio.start_server(
-                self._serve, host.strip("[]") or None, int(port)
-            )
-        except (OSError, ValueError) as e:
-            raise ApiError(
-                f"the API cannot listen on {self.address}: {e} (is another control plane"
-                " running? pick another port with --api-address)"
-            ) from e
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            response = await asyncio.wait_for(self._read(reader), _HEAD_TIMEOUT)
-            writer.write(response.encode())
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _read(self, reader: asyncio.StreamReader) -> Response:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            return status(400, "request head too large")
-        lines = head.decode("latin-1").split("\r\n")
-        request_line = lines[0].split(" ")
-        if len(request_line) != 3:
-            return status(400, "malformed request line")
-        method, target, _ = request_line
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return status(400, "chunked request bodies are not supported; send content-length")
-        try:
-            length = int(headers.get("content-length") or 0)
-        except ValueError:
-            return status(400, "malformed content-length")
-        if length < 0 or length > MAX_BODY:
-            return status(413, f"bodies are limited to {MAX_BODY} bytes")
-        body = await reader.readexactly(length) if length else b""
-        # Handlers are short (SQLite in WAL mode, small batches): run them on the loop, so
-        # that store watchers and snapshots keep to one thread.
-        return self.handler.handle(method, target, body)
+        super().__init__(
+            handler,
+            address,
+            name="API",
+            hint="is another control plane running? pick another port with --api-address",
+            error=status,
+        )

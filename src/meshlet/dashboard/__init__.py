@@ -2,7 +2,6 @@
 
 How the pieces build on each other (each module's docstring has its rules)::
 
-    web         HTTP/1.1: a small server for async handlers, a small client (``fetch``)
     traces      the bounded trace store (spans by trace, evicting the oldest)
     otlp        the OTLP/HTTP receiver: POST /v1/traces (protobuf, JSON) → traces
     metrics     the ``MetricsSource`` interface (counter increases per label group) and the
@@ -12,6 +11,8 @@ How the pieces build on each other (each module's docstring has its rules)::
     golden      rate, errors, latency from a source: graph, workload/service tables, series
     server      the dashboard's JSON API and the static UI (``static/``, written separately)
 
-The mesh daemon (``meshlet.runtime.daemon``) starts the receiver, the scraper and the
-dashboard on its event loop, next to the control plane whose store they read.
+HTTP/1.1 is ``meshlet.web``'s: the receiver and the dashboard are its ``WebServer``, the scraper
+and the Prometheus source use its ``fetch``. The mesh daemon (``meshlet.runtime.daemon``)
+starts the receiver, the scraper and the dashboard on its event loop, next to the control
+plane whose store they read.
 """

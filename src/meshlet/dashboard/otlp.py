@@ -35,9 +35,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from meshlet.control.api import Response
 from meshlet.dashboard.traces import Span, TraceStore
-from meshlet.dashboard.web import Request, WebServer, json_error
+from meshlet.web import Request, Response, WebServer, json_error
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from meshlet.dashboard.metrics import Group, MetricsSourceError
-from meshlet.dashboard.web import WebError, fetch
+from meshlet.web import WebError, fetch
 
 DEFAULT_TIMEOUT = 10.0
 

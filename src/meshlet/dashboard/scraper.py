@@ -37,7 +37,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshlet.dashboard.metrics import METRICS, Group, counter_increase
-from meshlet.dashboard.web import WebError, fetch
+from meshlet.web import WebError, fetch
 
 log = logging.getLogger(__name__)
 

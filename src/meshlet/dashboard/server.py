@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshlet.control.api import Response
 from meshlet.dashboard.golden import GoldenSignals
 from meshlet.dashboard.metrics import MetricsSource, MetricsSourceError
 from meshlet.dashboard.scraper import METRICS_PORT, Scraper, Target, http_sd
 from meshlet.dashboard.traces import TraceStore
-from meshlet.dashboard.web import Request, WebServer, json_error
+from meshlet.web import Request, Response, WebServer, json_error
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_PORT = 20001

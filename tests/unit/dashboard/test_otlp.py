@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from meshlet.dashboard.otlp import JSON, PROTOBUF, OtlpHandler, decode_json, spans_of
 from meshlet.dashboard.traces import TraceStore
-from meshlet.dashboard.web import Request
+from meshlet.web import Request
 
 TRACE = bytes.fromhex("5b8efff798038103d269b633813fc60c")
 SPAN = bytes.fromhex("eee19b7ec3c1b174")

@@ -1,10 +1,17 @@
-"""HTTP/1.1 for the dashboard: a small server for async handlers, and a small client.
+"""HTTP/1.1 for meshlet's own small servers -- the control plane API, the dashboard, the OTLP
+receiver -- and a small client. No web framework: each serves a few paths on loopback.
 
-The server is the control plane API's (``meshlet.control.api.ApiServer``) way of serving --
-``asyncio.start_server``, one request per connection, ``Response`` values -- with two
-differences the dashboard needs: handlers see the request headers (the OTLP receiver answers by
-``content-type``) and may await (a query to a real Prometheus). No web framework: the dashboard
-serves a few JSON paths and static files on loopback.
+The server's rules, the same for all of them:
+
+* one request per connection, answered with ``connection: close`` (their clients -- the CLI,
+  Prometheus, a browser on loopback -- make few calls, so keep-alive would buy little);
+* the head must arrive within 30 s; bodies need ``content-length`` and are limited to
+  ``MAX_BODY``: a chunked body is 411 Length Required (RFC 9110 §15.5.12: "refuses to accept
+  the request without a defined Content-Length"), a larger one 413, a bad head 400;
+* handlers are awaited on the event loop; one that raises is a 500. Each server says how its
+  errors look (``error``): ``{"error", "code"}`` by default, Kubernetes ``Status`` objects for
+  the control plane API;
+* every answer carries ``cache-control: no-store``: they are all live state.
 
 ``fetch`` is the client side, for the scraper and the Prometheus source: one GET (or POST) on a
 new connection, with a deadline for the whole exchange; httptools parses the response, so
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,13 +32,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import httptools
 
-from meshlet.control.api import Response
 from meshlet.errors import MeshletError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024
 _HEAD_TIMEOUT = 30.0
+# Status lines precomputed: one dict lookup per response instead of an HTTPStatus lookup.
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 class WebError(MeshletError):
@@ -42,6 +51,7 @@ class Request:
     method: str
     path: str
     query: Mapping[str, list[str]] = field(default_factory=dict)
+    query_string: str = ""  # the query as sent, undecoded (ASGI's name)
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
 
@@ -55,44 +65,104 @@ class Request:
         return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(cls, data: Any, status: int = 200) -> Response:
+        return cls(status=status, body=json.dumps(data, indent=2).encode() + b"\n")
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> Response:
+        return cls(status=status, body=text.encode(), content_type="text/plain; version=0.0.4")
+
+    def encode(self) -> bytes:
+        """The response on the wire, head and body in one piece (one write)."""
+        status_line = (
+            _STATUS_LINES.get(self.status) or f"HTTP/1.1 {self.status} Unknown\r\n".encode()
+        )
+        head = (
+            f"content-type: {self.content_type}\r\n"
+            f"content-length: {len(self.body)}\r\n"
+            "cache-control: no-store\r\n"
+            "connection: close\r\n\r\n"
+        )
+        return b"".join((status_line, head.encode(), self.body))
+
+
 Handler = Callable[[Request], Awaitable[Response]]
+ErrorBody = Callable[[int, str], Response]
 
 
 def json_error(code: int, message: str) -> Response:
     return Response.json({"error": message, "code": code}, code)
 
 
-def encode(response: Response) -> bytes:
-    """The response on the wire (``Response.encode`` knows only the control API's codes)."""
+async def read_request(
+    reader: asyncio.StreamReader, error: ErrorBody = json_error
+) -> Request | Response:
+    """The next request on ``reader``, or the error response that refuses it."""
     try:
-        reason = HTTPStatus(response.status).phrase
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        return error(400, "request head too large")
+    lines = head.decode("latin-1").split("\r\n")
+    request_line = lines[0].split(" ")
+    if len(request_line) != 3:
+        return error(400, "malformed request line")
+    method, target, _ = request_line
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return error(411, "chunked request bodies are not supported; send content-length")
+    try:
+        length = int(headers.get("content-length") or 0)
     except ValueError:
-        reason = "Unknown"
-    head = (
-        f"HTTP/1.1 {response.status} {reason}\r\n"
-        f"content-type: {response.content_type}\r\n"
-        f"content-length: {len(response.body)}\r\n"
-        "cache-control: no-store\r\n"
-        "connection: close\r\n\r\n"
+        return error(400, "malformed content-length")
+    if length < 0 or length > MAX_BODY:
+        return error(413, f"bodies are limited to {MAX_BODY} bytes")
+    body = await reader.readexactly(length) if length else b""
+    url = urlsplit(target)
+    return Request(
+        method=method,
+        path=url.path,
+        query=parse_qs(url.query),
+        query_string=url.query,
+        headers=headers,
+        body=body,
     )
-    return head.encode() + response.body
 
 
 class WebServer:
-    """Serves ``handler`` at ``address`` (``host:port``; port 0 picks one)."""
+    """Serves ``handler`` at ``address`` (``host:port``; port 0 picks one); see the module
+    docstring for the rules. ``name`` and ``hint`` (what to do when the address is taken) go
+    into the error when it cannot listen; ``error`` makes the body of each error response."""
 
     def __init__(
-        self, handler: Handler, address: str, *, name: str = "server", hint: str = ""
+        self,
+        handler: Handler,
+        address: str,
+        *,
+        name: str = "server",
+        hint: str = "",
+        error: ErrorBody = json_error,
     ) -> None:
         self.handler = handler
         self.address = address
         self.name = name
-        self.hint = hint  # what to do when the address is taken
+        self.hint = hint
+        self.error = error
         self.port = 0
         self._server: asyncio.Server | None = None
 
     def __repr__(self) -> str:
-        return f"<WebServer {self.name} {self.bound_address}>"
+        return f"<{type(self).__name__} {self.name} {self.bound_address}>"
 
     @property
     def bound_address(self) -> str:
@@ -118,7 +188,7 @@ class WebServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(self._read(reader), _HEAD_TIMEOUT)
+            request = await asyncio.wait_for(read_request(reader, self.error), _HEAD_TIMEOUT)
             if isinstance(request, Response):
                 response = request
             else:
@@ -126,8 +196,8 @@ class WebServer:
                     response = await self.handler(request)
                 except Exception as e:
                     log.exception("%s %s failed", request.method, request.path)
-                    response = json_error(500, f"internal error: {e}")
-            writer.write(encode(response))
+                    response = self.error(500, f"internal error: {e}")
+            writer.write(response.encode())
             await writer.drain()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -135,39 +205,6 @@ class WebServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-
-    async def _read(self, reader: asyncio.StreamReader) -> Request | Response:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            return json_error(400, "request head too large")
-        lines = head.decode("latin-1").split("\r\n")
-        request_line = lines[0].split(" ")
-        if len(request_line) != 3:
-            return json_error(400, "malformed request line")
-        method, target, _ = request_line
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return json_error(411, "chunked request bodies are not supported; send content-length")
-        try:
-            length = int(headers.get("content-length") or 0)
-        except ValueError:
-            return json_error(400, "malformed content-length")
-        if length < 0 or length > MAX_BODY:
-            return json_error(413, f"bodies are limited to {MAX_BODY} bytes")
-        body = await reader.readexactly(length) if length else b""
-        url = urlsplit(target)
-        return Request(
-            method=method,
-            path=url.path,
-            query=parse_qs(url.query),
-            headers=headers,
-            body=body,
-        )
 
 
 # -- the client ------------------------------------------------------------------------------

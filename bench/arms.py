@@ -142,14 +142,24 @@ def _wait_serving(server: Spawned, port: int, started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def start_upstream(supervisor: Supervisor, *, out: Path, cpu: int) -> Spawned:
-    body = UPSTREAM_HTTP.format(host=HOST, port=UPSTREAM_PORT, body="x" * BODY_BYTES)
+def start_upstream(
+    supervisor: Supervisor, *, prefix: Path, cpu: int, port: int = UPSTREAM_PORT
+) -> Spawned:
+    """The nginx upstream on ``port`` (``return 200`` with BODY_BYTES), serving on return; its
+    files in ``prefix``."""
+    body = UPSTREAM_HTTP.format(host=HOST, port=port, body="x" * BODY_BYTES)
     started = time.perf_counter()
-    server = _start_nginx(
-        supervisor, name="upstream", prefix=out / "nginx-upstream", http_body=body, cpu=cpu
-    )
-    _wait_serving(server, UPSTREAM_PORT, started)
+    server = _start_nginx(supervisor, name="upstream", prefix=prefix, http_body=body, cpu=cpu)
+    _wait_serving(server, port, started)
     return server
+
+
+def check_serving(arm_ports: dict[str, int]) -> None:
+    """One ``GET /`` on each arm's port must give the upstream's 200 and body."""
+    for arm, port in arm_ports.items():
+        status = http_get(port, timeout=5.0)
+        if status != (200, BODY_BYTES):
+            raise ArmUnavailable(f"GET / on the {arm} arm gave (status, bytes) = {status}")
 
 
 # -- the arms -----------------------------------------------------------------------------

@@ -370,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with Supervisor() as supervisor:
-            upstream = start_upstream(supervisor, out=out, cpu=placement.upstream_cpu)
+            upstream = start_upstream(
+                supervisor, prefix=out / "nginx-upstream", cpu=placement.upstream_cpu
+            )
             benchmark.run(supervisor, upstream)
     except KeyboardInterrupt:
         interrupted = True

@@ -38,7 +38,6 @@ Ports: free ports of 19900-19999 (checked before use). Output: ``OUT/security.js
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime
@@ -47,35 +46,34 @@ import json
 import os
 import re
 import resource
-import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+import harness
 import report
 import yaml
-from arms import BODY_BYTES, NGINX, UPSTREAM_HTTP, ArmUnavailable, _start_nginx, http_get
+from arms import (
+    HOST,
+    check_serving,
+    http_get,
+    start_upstream,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from harness import BENCH, LOAD_CPU, SERVER_CPU, BenchError, Ports, say
 from loadgen import LoadFailed, fixed_rate
 from processes import CLOCK_TICKS, Spawned, Supervisor, read_cores, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-RESULTS = BENCH / "RESULTS.md"
-HOST = "127.0.0.1"
 PORTS = range(19900, 20000)
-SERVER_CPU, LOAD_CPU = 0, 1
 
 HCM = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -110,38 +108,6 @@ class Plan:
 FULL = Plan(rounds=3, fixed_s=15, warmup_s=1, prewarm_s=1, handshake_s=8, csr_s=8)
 QUICK = Plan(rounds=1, fixed_s=5, warmup_s=0.5, prewarm_s=0.5, handshake_s=3, csr_s=3)
 BUDGET_S = {"full": 230.0, "quick": 85.0}
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-class Ports:
-    """Hands out free ports of PORTS, each once."""
-
-    def __init__(self) -> None:
-        self.taken: dict[str, int] = {}
-
-    def take(self, name: str) -> int:
-        for port in PORTS:
-            if port not in self.taken.values() and bindable(port):
-                self.taken[name] = port
-                return port
-        raise BenchError(f"no free port left in {PORTS.start}-{PORTS.stop - 1}")
 
 
 # -- certificates ---------------------------------------------------------------------------
@@ -518,15 +484,8 @@ def meshed_call(
     names = ["upstream", "server admin", "server inbound mtls", "server inbound plain"]
     names += ["client admin", "client outbound mtls", "client outbound plain"]
     p = {name: ports.take(name) for name in names}
-    upstream = _start_nginx(
-        supervisor,
-        name="upstream",
-        prefix=out / "security-nginx-upstream",
-        http_body=UPSTREAM_HTTP.format(host=HOST, port=p["upstream"], body="x" * BODY_BYTES),
-        cpu=SERVER_CPU,
-    )
-    if not wait_until(lambda: http_get(p["upstream"]) == (200, BODY_BYTES), 10.0, 0.01):
-        raise BenchError("the nginx upstream did not serve")
+    prefix = out / "security-nginx-upstream"
+    upstream = start_upstream(supervisor, prefix=prefix, cpu=SERVER_CPU, port=p["upstream"])
     server, server_ms = start_proxy(supervisor, "server-sidecar", server_sidecar(pki, p), out)
     client, client_ms = start_proxy(supervisor, "client-sidecar", client_sidecar(pki, p), out)
     arm_port = {
@@ -534,10 +493,7 @@ def meshed_call(
         "plaintext": p["client outbound plain"],
         "mtls": p["client outbound mtls"],
     }
-    for arm, port in arm_port.items():
-        status = http_get(port, timeout=5.0)
-        if status != (200, BODY_BYTES):
-            raise BenchError(f"GET / on the {arm} arm gave (status, bytes) = {status}")
+    check_serving(arm_port)
     processes = {"client sidecar": client, "server sidecar": server, "upstream": upstream}
     runs: list[dict[str, Any]] = []
     for number in range(plan.rounds):
@@ -555,15 +511,7 @@ def meshed_call(
                     cpu=LOAD_CPU,
                 )
                 window = Window(processes)
-                result = fixed_rate(
-                    supervisor,
-                    port=port,
-                    rate=plan.rate,
-                    seconds=plan.fixed_s,
-                    warmup=plan.warmup_s,
-                    connections=plan.connections,
-                    cpu=LOAD_CPU,
-                )
+                result = harness.timed_load(supervisor, plan, port)
             except LoadFailed as exc:
                 runs.append({"round": number, "arm": arm, "error": str(exc)})
                 say(f"[round {number + 1}] {arm}: {exc}")
@@ -1155,112 +1103,45 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-SECTION = "## Security"
-
-
-def record(path: Path, results: dict[str, Any]) -> None:
-    """Write the "Security" section of ``path``, replacing the previous one."""
-    meta = results["meta"]
-    m = meta["machine"]
-    when = datetime.datetime.fromisoformat(meta["started"]).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"{SECTION}\n\n"
-        f"Written by `python bench/security.py --record` ({meta['mode']} run, {when}, "
-        f"{meta['seconds']:.0f} s); bench/README.md says what is measured.\n\n"
-        f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']} "
-        f"(uvloop {m['uvloop']}, httptools {m['httptools']}); nginx {m['nginx']}; "
-        f"{m['openssl']}; {m['wrk']}\n"
-        f"- meshlet: `{m['git']}`\n"
-        f"- command: `{meta['command']}`\n"
-        f"- placement: {meta['placement']}\n"
-        f"- load average (1 min) before / after: {meta['loadavg'][0]:.2f} / "
-        f"{meta['loadavg'][1]:.2f}\n\n" + markdown(results)
-    )
-    report.replace_section(path, SECTION, section)
+SECTION = ("## Security", "bench/README.md says what is measured")
 
 
 # -- main -----------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="one short round, about 1 minute")
-    parser.add_argument("--record", action="store_true", help="update bench/RESULTS.md")
-    parser.add_argument("--out", type=Path, default=BENCH / "out", help="results dir")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = harness.parse_args(__doc__, argv)
     plan = QUICK if args.quick else FULL
-    mode = "quick" if args.quick else "full"
-    for tool in ("wrk", "openssl", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"`{tool}` is needed (see bench/README.md)")
-    if not Path(NGINX).exists():
-        sys.exit(f"{NGINX} is needed (Debian's nginx-light is enough)")
-    if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
-        sys.exit(f"CPUs {SERVER_CPU} and {LOAD_CPU} are needed")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.UTC)
-    clock = time.perf_counter()
-    loadavg = os.getloadavg()[0]
-    command = "python bench/security.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    say(f"meshlet security benchmark ({mode}): meshed call, TLS handshakes, CSRs")
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    results: dict[str, Any] = {"failed_parts": {}}
-    interrupted = False
-    ports = Ports()
+    harness.require(("wrk", "openssl", "taskset"))
+    run = harness.Run("security", args)
+    say(f"meshlet security benchmark ({run.mode}): meshed call, TLS handshakes, CSRs")
+    ports, out = Ports(PORTS), run.out
     pki = make_pki(out / "security-pki")
-    parts = (
-        ("meshed", lambda s: meshed_call(s, plan, pki, ports, out)),
-        ("handshakes", lambda s: handshakes(s, plan, pki, ports, out)),
-        ("csrs", lambda s: csrs(s, plan, ports, out)),
+    results = run.run_parts(
+        (
+            ("meshed", lambda s: meshed_call(s, plan, pki, ports, out)),
+            ("handshakes", lambda s: handshakes(s, plan, pki, ports, out)),
+            ("csrs", lambda s: csrs(s, plan, ports, out)),
+        ),
+        BUDGET_S[run.mode],
     )
-    try:
-        with Supervisor() as supervisor:
-            for name, part in parts:
-                if time.perf_counter() - clock > BUDGET_S[mode]:
-                    results["failed_parts"][name] = "the time budget was spent"
-                    continue
-                try:
-                    results[name] = part(supervisor)
-                except (BenchError, ArmUnavailable) as exc:
-                    results["failed_parts"][name] = str(exc)
-                    say(f"{name}: {exc}")
-                supervisor.stop_all()
-    except KeyboardInterrupt:
-        interrupted = True
-        say("interrupted: stopped every process this run started")
     machine = report.machine() | {
         "openssl": report._first_line(["openssl", "version"]).split(" (")[0]
     }
-    results["meta"] = {
-        "started": started.isoformat(),
-        "seconds": round(time.perf_counter() - clock, 1),
-        "mode": mode,
-        "interrupted": interrupted,
-        "command": command,
-        "machine": machine,
-        "plan": asdict(plan),
-        "placement": (
-            f"load generators and clients on CPU {LOAD_CPU}; sidecars, upstream, the TLS "
-            f"proxy and the control plane on CPU {SERVER_CPU} (taskset -c)"
-        ),
-        "loadavg": [loadavg, os.getloadavg()[0]],
-    }
-    (out / "security.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
-    say(f"results: {out / 'security.json'} ({results['meta']['seconds']:.0f} s)")
-    if args.record and not interrupted:
-        record(RESULTS, results)
-        say("recorded in bench/RESULTS.md")
-    return 130 if interrupted else 0
+    run.finish(
+        results,
+        meta={
+            "plan": asdict(plan),
+            "placement": harness.placement(
+                "load generators and clients",
+                "sidecars, upstream, the TLS proxy and the control plane",
+            ),
+        },
+        markdown=markdown,
+        section=SECTION,
+        machine=machine,
+    )
+    return 130 if run.interrupted else 0
 
 
 if __name__ == "__main__":

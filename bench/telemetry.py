@@ -24,33 +24,24 @@ Ports: free ports of 19800-19899 (checked before use). Output: ``OUT/telemetry.j
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import shlex
-import shutil
-import signal
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import report
+import harness
 import security
-from arms import BODY_BYTES, NGINX, UPSTREAM_HTTP, ArmUnavailable, _start_nginx, http_get
-from loadgen import LoadFailed, fixed_rate, saturate
+from arms import HOST, check_serving, http_get, start_upstream
+from harness import LOAD_CPU, SERVER_CPU, BenchError, Ports, say
+from loadgen import LoadFailed, saturate
 from processes import Supervisor, wait_until
-from security import HCM, ROUTER, BenchError, Window, say
+from security import HCM, ROUTER, Window
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
-RESULTS = BENCH / "RESULTS.md"
-HOST = "127.0.0.1"
-SERVER_CPU, LOAD_CPU = security.SERVER_CPU, security.LOAD_CPU
 
 TYPED_STRUCT = "type.googleapis.com/xds.type.v3.TypedStruct"
 OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
@@ -72,15 +63,7 @@ class Plan:
 FULL = Plan(rounds=3, fixed_s=8, warmup_s=1, saturation_s=5)
 QUICK = Plan(rounds=1, fixed_s=4, warmup_s=0.5, saturation_s=3)
 BUDGET_S = {"full": 290.0, "quick": 80.0}
-
-
-class Ports(security.Ports):
-    def take(self, name: str) -> int:
-        for port in range(19800, 19900):
-            if port not in self.taken.values() and security.bindable(port):
-                self.taken[name] = port
-                return port
-        raise BenchError("no free port left in 19800-19899")
+PORTS = range(19800, 19900)
 
 
 def _filter(name: str, type_url: str, value: dict[str, Any]) -> dict[str, Any]:
@@ -189,15 +172,8 @@ def spans_received(port: int) -> int:
 
 def measure(supervisor: Supervisor, plan: Plan, ports: Ports, out: Path) -> dict[str, Any]:
     p = {name: ports.take(name) for name in ("upstream", "admin", "otlp", *ARMS)}
-    upstream = _start_nginx(
-        supervisor,
-        name="upstream",
-        prefix=out / "telemetry-nginx-upstream",
-        http_body=UPSTREAM_HTTP.format(host=HOST, port=p["upstream"], body="x" * BODY_BYTES),
-        cpu=SERVER_CPU,
-    )
-    if not wait_until(lambda: http_get(p["upstream"]) == (200, BODY_BYTES), 10.0, 0.01):
-        raise BenchError("the nginx upstream did not serve")
+    prefix = out / "telemetry-nginx-upstream"
+    upstream = start_upstream(supervisor, prefix=prefix, cpu=SERVER_CPU, port=p["upstream"])
     sink = supervisor.spawn(
         "otlp-sink",
         [sys.executable, str(BENCH / "otlp_sink.py"), str(p["otlp"])],
@@ -208,10 +184,7 @@ def measure(supervisor: Supervisor, plan: Plan, ports: Ports, out: Path) -> dict
     if not wait_until(lambda: http_get(p["otlp"], "/count")[0] == 200, 10.0, 0.01):
         raise BenchError("the OTLP sink did not start")
     proxy, ready_ms = security.start_proxy(supervisor, "telemetry-proxy", proxy_config(p, out), out)
-    for arm in ARMS:
-        status = http_get(p[arm], timeout=5.0)
-        if status != (200, BODY_BYTES):
-            raise BenchError(f"GET / on the {arm} arm gave (status, bytes) = {status}")
+    check_serving({arm: p[arm] for arm in ARMS})
     time.sleep(1.2)  # the check requests' spans are exported before any arm is counted
     processes = {"proxy": proxy, "upstream": upstream}
     runs: list[dict[str, Any]] = []
@@ -231,15 +204,7 @@ def measure(supervisor: Supervisor, plan: Plan, ports: Ports, out: Path) -> dict
                 )
                 sat_facts = window.close()
                 window = Window(processes)
-                fixed = fixed_rate(
-                    supervisor,
-                    port=port,
-                    rate=plan.rate,
-                    seconds=plan.fixed_s,
-                    warmup=plan.warmup_s,
-                    connections=plan.connections,
-                    cpu=LOAD_CPU,
-                )
+                fixed = harness.timed_load(supervisor, plan, port)
                 facts = window.close()
                 time.sleep(1.2)  # the exporter flushes every second
                 spans = spans_received(p["otlp"]) - spans_before
@@ -350,87 +315,32 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-SECTION = "## Telemetry"
-
-
-def record(path: Path, results: dict[str, Any]) -> None:
-    meta = results["meta"]
-    m = meta["machine"]
-    when = datetime.datetime.fromisoformat(meta["started"]).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"{SECTION}\n\n"
-        f"Written by `python bench/telemetry.py --record` ({meta['mode']} run, {when}, "
-        f"{meta['seconds']:.0f} s); the module's docstring says what is measured.\n\n"
-        f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']} "
-        f"(uvloop {m['uvloop']}, httptools {m['httptools']}); nginx {m['nginx']}; {m['wrk']}\n"
-        f"- meshlet: `{m['git']}`\n"
-        f"- command: `{meta['command']}`\n"
-        f"- placement: {meta['placement']}\n\n" + markdown(results)
-    )
-    report.replace_section(path, SECTION, section)
+SECTION = ("## Telemetry", "the module's docstring says what is measured")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="one short round, about 1 minute")
-    parser.add_argument("--record", action="store_true", help="update bench/RESULTS.md")
-    parser.add_argument("--out", type=Path, default=BENCH / "out", help="results dir")
-    args = parser.parse_args(argv)
+    args = harness.parse_args(__doc__, argv)
     plan = QUICK if args.quick else FULL
-    mode = "quick" if args.quick else "full"
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"`{tool}` is needed (see bench/README.md)")
-    if not Path(NGINX).exists():
-        sys.exit(f"{NGINX} is needed (Debian's nginx-light is enough)")
-    if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
-        sys.exit(f"CPUs {SERVER_CPU} and {LOAD_CPU} are needed")
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = datetime.datetime.now(datetime.UTC)
-    clock = time.perf_counter()
-    loadavg = os.getloadavg()[0]
-    command = "python bench/telemetry.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    say(f"meshlet telemetry benchmark ({mode}): {', '.join(ARMS)}")
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    results: dict[str, Any] = {"failed_parts": {}}
-    interrupted = False
-    try:
-        with Supervisor() as supervisor:
-            try:
-                results["measured"] = measure(supervisor, plan, Ports(), out)
-                results["summary"] = summarize(results["measured"]["runs"])
-            except (BenchError, ArmUnavailable) as exc:
-                results["failed_parts"]["measure"] = str(exc)
-                say(f"measure: {exc}")
-            supervisor.stop_all()
-    except KeyboardInterrupt:
-        interrupted = True
-        say("interrupted: stopped every process this run started")
-    results["meta"] = {
-        "started": started.isoformat(),
-        "seconds": round(time.perf_counter() - clock, 1),
-        "mode": mode,
-        "interrupted": interrupted,
-        "command": command,
-        "machine": report.machine(),
-        "plan": asdict(plan),
-        "placement": (
-            f"load generators and the OTLP sink on CPU {LOAD_CPU}; the proxy and the upstream "
-            f"on CPU {SERVER_CPU} (taskset -c)"
-        ),
-        "loadavg": [loadavg, os.getloadavg()[0]],
-    }
-    (out / "telemetry.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
-    say(f"results: {out / 'telemetry.json'} ({results['meta']['seconds']:.0f} s)")
-    if args.record and not interrupted and "summary" in results:
-        record(RESULTS, results)
-        say(f"recorded in {RESULTS}")
+    harness.require(("wrk", "taskset"))
+    run = harness.Run("telemetry", args)
+    say(f"meshlet telemetry benchmark ({run.mode}): {', '.join(ARMS)}")
+    results = run.run_parts(
+        (("measured", lambda s: measure(s, plan, Ports(PORTS), run.out)),), BUDGET_S[run.mode]
+    )
+    if "measured" in results:
+        results["summary"] = summarize(results["measured"]["runs"])
+    run.finish(
+        results,
+        meta={
+            "plan": asdict(plan),
+            "placement": harness.placement(
+                "load generators and the OTLP sink", "the proxy and the upstream"
+            ),
+        },
+        markdown=markdown,
+        section=SECTION,
+        recordable="summary" in results,
+    )
     return 1 if results["failed_parts"] else 0
 
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.ports import free_port
+from tests.waiting import wait_until
 
 PACKAGE = "prometheus"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -41,16 +41,11 @@ def prometheus_binary() -> str:
     return path
 
 
+# Prometheus needs a few seconds to start and a scrape interval to answer: no need to poll it
+# often.
 def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
     """Call ``check`` until it returns something truthy; fail naming ``what`` at the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(what, check, timeout, interval)
 
 
 @dataclass

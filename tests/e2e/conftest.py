@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,18 +47,8 @@ _STAR_COLOR = re.compile(r'<font color="([^"]+)"><span class="glyphicon')
 
 from tests.ports import free_port, free_ports_in_a_row  # noqa: E402
 
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
+# The e2e tests take wait_until from here, with the fixtures.
+from tests.waiting import wait_until as wait_until  # noqa: E402
 
 # -- the page --------------------------------------------------------------------------------
 

@@ -9,65 +9,38 @@ header condition; deleting the policy restores access; AUDIT changes no decision
 
 from __future__ import annotations
 
-import contextlib
 import json
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from meshlet.runtime.sidecar import ADMIN_PORT, ProxyNode
+from meshlet.runtime.sidecar import ADMIN_PORT
+from tests.integration.sidecar_mesh import (
+    WEB_URL,
+    AppHandler,
+    apply,
+    eventually,
+    text_of,
+    two_pods,
+    via,
+)
 from tests.integration.test_control import ControlPlane, meshlet, start_control
-from tests.integration.test_sidecars import apply, eventually, pod, running_sidecars
 
 pytestmark = pytest.mark.timeout(120)
 
 CLIENT_IP, SERVER_IP = "127.1.10.20", "127.1.10.10"
-APP_PORT = 8080
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Ok(AppHandler):
+    """Reads the request's body, answers ``ok``."""
+
     def _answer(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        self.rfile.read(length)
-        body = b"ok"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.reply(200, b"ok")
 
     do_GET = do_POST = _answer
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def app(ip: str, port: int) -> Iterator[None]:
-    server = ThreadingHTTPServer((ip, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-MESH = [
-    {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": APP_PORT}]},
-    },
-    pod("web-v1-aaa-1", SERVER_IP, {"app": "web", "version": "v1"}),
-    pod("client-ccc-1", CLIENT_IP, {"app": "client"}),
-]
 
 
 def policy(name: str, spec: dict[str, object]) -> dict[str, object]:
@@ -82,15 +55,7 @@ def policy(name: str, spec: dict[str, object]) -> dict[str, object]:
 def call(
     path: str = "/", method: str = "GET", headers: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    args = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-x", f"{CLIENT_IP}:15001"]
-    args += ["-X", method]
-    for k, v in (headers or {}).items():
-        args += ["-H", f"{k}: {v}"]
-    done = subprocess.run(
-        [*args, f"http://web:{APP_PORT}{path}"], capture_output=True, text=True, timeout=10
-    )
-    body, _, code = done.stdout.rpartition("\n")
-    return int(code or 0), body
+    return via(CLIENT_IP, f"{WEB_URL}{path}", method, headers)
 
 
 DENIED = (403, "RBAC: access denied")
@@ -99,30 +64,8 @@ DENIED = (403, "RBAC: access denied")
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
     plane = start_control(tmp_path / "state", tmp_path)
-    try:
-        apply(plane, tmp_path, MESH)
-        nodes = [
-            ProxyNode(
-                pod="client-ccc-1",
-                namespace="default",
-                ip=CLIENT_IP,
-                workload="client",
-                service_account="client",
-                labels={"app": "client"},
-            ),
-            ProxyNode(
-                pod="web-v1-aaa-1",
-                namespace="default",
-                ip=SERVER_IP,
-                workload="web-v1",
-                service_account="web",
-                labels={"app": "web", "version": "v1"},
-            ),
-        ]
-        with running_sidecars(plane, tmp_path, nodes), app(SERVER_IP, APP_PORT):
-            yield plane
-    finally:
-        plane.stop()
+    with two_pods(plane, tmp_path, (CLIENT_IP, SERVER_IP), _Ok):
+        yield plane
 
 
 def delete(plane: ControlPlane, tmp_path: Path, name: str) -> None:
@@ -143,7 +86,7 @@ def test_deny_allow_and_allow_nothing_policies_through_real_sidecars(
     apply(mesh, tmp_path, [deny])
     eventually(lambda: call("/admin/x") == DENIED, "DENY on /admin")
     assert call("/public") == (200, "ok")
-    stats = _text(f"http://{SERVER_IP}:{ADMIN_PORT}/stats")
+    stats = text_of(f"http://{SERVER_IP}:{ADMIN_PORT}/stats")
     assert ".rbac.denied: " in stats
 
     get_only = policy(
@@ -182,13 +125,6 @@ def test_when_header_condition_and_audit(mesh: ControlPlane, tmp_path: Path) -> 
     assert call("/", headers={"x-team": "red"}) == DENIED
 
 
-def _text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return str(r.read().decode())
-
-
 def test_a_dry_run_policy_is_counted_but_not_enforced(mesh: ControlPlane, tmp_path: Path) -> None:
     """istio.io "Dry Run" task: a DENY policy on ``/headers`` annotated ``istio.io/dry-run:
     "true"`` lets the request through; the proxy counts it as a shadow denial under the
@@ -201,11 +137,11 @@ def test_a_dry_run_policy_is_counted_but_not_enforced(mesh: ControlPlane, tmp_pa
 
     def counted() -> bool:
         call("/headers")
-        return shadow in _text(f"http://{SERVER_IP}:{ADMIN_PORT}/stats")
+        return shadow in text_of(f"http://{SERVER_IP}:{ADMIN_PORT}/stats")
 
     eventually(counted, "the dry-run denial counted")
     assert call("/headers") == (200, "ok")
-    prom = _text(f"http://{SERVER_IP}:{ADMIN_PORT}/stats/prometheus")
+    prom = text_of(f"http://{SERVER_IP}:{ADMIN_PORT}/stats/prometheus")
     assert "rbac_istio_dry_run_deny_shadow_denied" in prom
     apply(mesh, tmp_path, [policy("deny-path-headers", spec)])
     eventually(lambda: call("/headers") == DENIED, "the policy enforced without dry-run")

@@ -18,24 +18,20 @@ The first tests use static bootstraps (the proxy alone); the last one runs a rea
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshlet.control.registry import INBOUND_PORT_ANNOTATION
-from meshlet.runtime.sidecar import PROMETHEUS_PORT, ProxyNode
+from meshlet.runtime.sidecar import PROMETHEUS_PORT
 from tests.integration.conftest import ROUTER, Proxy, Upstream, bootstrap, cluster
+from tests.integration.sidecar_mesh import WEB_URL, AppHandler, eventually, two_pods
 from tests.integration.test_control import ControlPlane, start_control
-from tests.integration.test_sidecars import apply, eventually, running_sidecars
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -177,72 +173,20 @@ def test_a_destination_without_a_sidecar_is_named_from_eds_metadata(
 # -- a real control plane ------------------------------------------------------------------------
 
 CLIENT_IP, SERVER_IP = "127.1.9.60", "127.1.9.61"
-APP_PORT = 8080
 
 
-class _EchoHeaders(BaseHTTPRequestHandler):
+class _EchoHeaders(AppHandler):
+    """Answers with the request's headers, as JSON."""
+
     def do_GET(self) -> None:
         body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def echo_app(ip: str, port: int) -> Iterator[None]:
-    server = ThreadingHTTPServer((ip, port), _EchoHeaders)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def pod(name: str, ip: str, labels: dict[str, str]) -> dict[str, object]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": labels,
-            "annotations": {INBOUND_PORT_ANNOTATION: "15006"},
-        },
-        "spec": {
-            "serviceAccountName": labels["app"],
-            "containers": [{"name": "app", "image": "x", "ports": [{"containerPort": APP_PORT}]}],
-        },
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True"}],
-        },
-    }
-
-
-MESH = [
-    {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": APP_PORT}]},
-    },
-    pod("web-v1-aaa-1", SERVER_IP, {"app": "web", "version": "v1"}),
-    pod("client-ccc-1", CLIENT_IP, {"app": "client", "version": "v3"}),
-]
+        self.reply(200, body, "application/json")
 
 
 def via_client(path: str) -> tuple[int, dict[str, Any], str]:
     """One request through the client's sidecar as HTTP proxy (the app's HTTP_PROXY)."""
     done = subprocess.run(
-        ["curl", "-s", "-D", "-", "-x", f"{CLIENT_IP}:15001", f"http://web:{APP_PORT}{path}"],
+        ["curl", "-s", "-D", "-", "-x", f"{CLIENT_IP}:15001", f"{WEB_URL}{path}"],
         capture_output=True,
         timeout=10,
     )
@@ -256,30 +200,8 @@ def via_client(path: str) -> tuple[int, dict[str, Any], str]:
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[ControlPlane]:
     plane = start_control(tmp_path / "state", tmp_path)
-    try:
-        apply(plane, tmp_path, MESH)
-        nodes = [
-            ProxyNode(
-                pod="client-ccc-1",
-                namespace="default",
-                ip=CLIENT_IP,
-                workload="client",
-                service_account="client",
-                labels={"app": "client", "version": "v3"},
-            ),
-            ProxyNode(
-                pod="web-v1-aaa-1",
-                namespace="default",
-                ip=SERVER_IP,
-                workload="web-v1",
-                service_account="web",
-                labels={"app": "web", "version": "v1"},
-            ),
-        ]
-        with running_sidecars(plane, tmp_path, nodes), echo_app(SERVER_IP, APP_PORT):
-            yield plane
-    finally:
-        plane.stop()
+    with two_pods(plane, tmp_path, (CLIENT_IP, SERVER_IP), _EchoHeaders, client_version="v3"):
+        yield plane
 
 
 def scrape(ip: str) -> list[dict[str, str]]:

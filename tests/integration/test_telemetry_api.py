@@ -14,78 +14,28 @@ import contextlib
 import json
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshlet.control.registry import INBOUND_PORT_ANNOTATION
-from meshlet.runtime.sidecar import ProxyNode
 from tests.integration.conftest import meshlet_cmd
+from tests.integration.sidecar_mesh import WEB_URL, AppHandler, apply, eventually, two_pods, via
 from tests.integration.test_control import ControlPlane, meshlet
-from tests.integration.test_sidecars import apply, running_sidecars, via
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
 CLIENT_IP, SERVER_IP = "127.1.9.40", "127.1.9.41"
-APP_PORT = 8080
 
 
-class _Status(BaseHTTPRequestHandler):
+class _Status(AppHandler):
     """``GET /status/<code>`` answers ``<code>``."""
 
     def do_GET(self) -> None:
-        code = int(self.path.rsplit("/", 1)[-1])
-        self.send_response(code)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def status_app(ip: str, port: int) -> Iterator[None]:
-    server = ThreadingHTTPServer((ip, port), _Status)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def pod(name: str, ip: str, labels: dict[str, str]) -> dict[str, object]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": labels,
-            "annotations": {INBOUND_PORT_ANNOTATION: "15006"},
-        },
-        "spec": {"containers": [{"name": "app", "image": "x"}]},
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "conditions": [{"type": "Ready", "status": "True"}],
-        },
-    }
-
-
-SERVICE: dict[str, object] = {
-    "apiVersion": "v1",
-    "kind": "Service",
-    "metadata": {"name": "web", "namespace": "default"},
-    "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": APP_PORT}]},
-}
+        self.reply(int(self.path.rsplit("/", 1)[-1]))
 
 
 def telemetry(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, object]:
@@ -121,15 +71,6 @@ def _ready(plane: ControlPlane) -> bool:
     return False
 
 
-def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting: {what}")
-
-
 def log_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -140,36 +81,8 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
 def access_log(tmp_path: Path) -> Iterator[tuple[ControlPlane, Path]]:
     path = tmp_path / "access.log"
     plane = start_control(tmp_path, "--access-log-file", str(path), "--access-log-encoding", "JSON")
-    try:
-        apply(
-            plane,
-            tmp_path,
-            [
-                SERVICE,
-                pod("web-v1-aaa-1", SERVER_IP, {"app": "web", "version": "v1"}),
-                pod("client-ccc-1", CLIENT_IP, {"app": "client"}),
-            ],
-        )
-        nodes = [
-            ProxyNode(
-                pod="client-ccc-1",
-                namespace="default",
-                ip=CLIENT_IP,
-                workload="client",
-                labels={"app": "client"},
-            ),
-            ProxyNode(
-                pod="web-v1-aaa-1",
-                namespace="default",
-                ip=SERVER_IP,
-                workload="web-v1",
-                labels={"app": "web", "version": "v1"},
-            ),
-        ]
-        with running_sidecars(plane, tmp_path, nodes), status_app(SERVER_IP, APP_PORT):
-            yield plane, path
-    finally:
-        plane.stop()
+    with two_pods(plane, tmp_path, (CLIENT_IP, SERVER_IP), _Status):
+        yield plane, path
 
 
 def test_the_mesh_log_then_a_telemetry_filter_then_a_workload_disable(
@@ -177,7 +90,7 @@ def test_the_mesh_log_then_a_telemetry_filter_then_a_workload_disable(
 ) -> None:
     plane, path = access_log
     # The mesh's file: every request, by both sidecars, in Istio's JSON fields.
-    assert via(CLIENT_IP, f"http://web:{APP_PORT}/status/200")[0] == 200
+    assert via(CLIENT_IP, f"{WEB_URL}/status/200")[0] == 200
     eventually(lambda: len(log_lines(path)) >= 2, "two log lines for one request")
     first = log_lines(path)
     assert {line["response_code"] for line in first} == {200}
@@ -199,8 +112,8 @@ def test_the_mesh_log_then_a_telemetry_filter_then_a_workload_disable(
 
     def filtered() -> bool:
         before = len(log_lines(path))
-        via(CLIENT_IP, f"http://web:{APP_PORT}/status/200")
-        via(CLIENT_IP, f"http://web:{APP_PORT}/status/404")
+        via(CLIENT_IP, f"{WEB_URL}/status/200")
+        via(CLIENT_IP, f"{WEB_URL}/status/404")
         time.sleep(1.5)  # the sinks flush every second
         new = log_lines(path)[before:]
         return bool(new) and {line["response_code"] for line in new} == {404}
@@ -225,7 +138,7 @@ def test_the_mesh_log_then_a_telemetry_filter_then_a_workload_disable(
 
     def server_quiet() -> bool:
         before = len(log_lines(path))
-        via(CLIENT_IP, f"http://web:{APP_PORT}/status/503")
+        via(CLIENT_IP, f"{WEB_URL}/status/503")
         time.sleep(1.5)
         new = log_lines(path)[before:]
         clusters = {line["upstream_cluster"] for line in new}

@@ -10,6 +10,11 @@ Each module is one xDS type, a pure function of ``(snapshot, proxy)``:
   ``"<port>"`` route configurations (and ``http_proxy``, ``http.<port>``, the inbound one).
 * ``listeners`` -- LDS: the sidecar's ``virtualOutbound`` (15001, explicit HTTP proxy) and
   ``virtualInbound`` (15006), or a gateway's ``0.0.0.0_<port>``, with inline routes.
+* Helpers the listeners use: ``authz`` (AuthorizationPolicy → RBAC filters, dry-run as shadow
+  rules), ``request_authn`` (RequestAuthentication → jwt_authn), ``peer_authn``
+  (PeerAuthentication modes, per port too) and ``telemetry`` (Telemetry and the mesh's options
+  → ``istio.metadata_exchange``, ``istio.stats``, ``tracing`` and access logs, plus the OTLP
+  collector's cluster).
 * ``grpc`` -- all four types for proxyless gRPC clients (istiod's ``grpcgen``), by requested
   name: ``<host>:<port>`` API listeners over RDS, built on the sidecar's routes and
   endpoints.

@@ -818,6 +818,7 @@ open {product}
 then try:
   meshlet apply -f {here / "virtual-service-reviews-v3.yaml"}    # the stars turn red
   meshlet apply -f {here / "virtual-service-all-v1.yaml"}        # no stars at all
+  meshlet top                   # requests/s, success rate and latency per workload, live
   meshlet get pods -o wide
   meshlet proxy-status
 traffic: {args.rate:g} requests/s to {product}"""

@@ -2,7 +2,7 @@
 with a given configuration and a throw-away TSDB, stopped by its PID.
 
 A missing binary fails the test naming the package (CI installs it: ``.ci/run``,
-``scripts/setup``); it never skips silently.
+``scripts/test``); it never skips silently.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def prometheus_binary() -> str:
     if not os.access(path, os.X_OK):
         pytest.fail(
             f"Prometheus is not installed: install the Debian package `{PACKAGE}`"
-            f" (apt-get install {PACKAGE}; scripts/setup does it when run as root)"
+            f" (apt-get install {PACKAGE}; scripts/test does it when run as root)"
         )
     return path
 

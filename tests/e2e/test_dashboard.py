@@ -52,7 +52,6 @@ CHROMIUM_ARGS = [
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(420),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
 ]
 
 BOOKINFO = ("productpage", "details", "reviews", "ratings")
@@ -138,6 +137,10 @@ def traffic(dashboard: Dashboard) -> Iterator[Load]:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[playwright_api.Page]:
     """One Chromium tab with a fresh profile, kept for the module (as a user keeps it open)."""
+    assert CHROMIUM.exists(), (
+        "Debian's chromium is not installed: scripts/test installs it as root "
+        "(apt-get install chromium)"
+    )
     profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path_factory.getbasetemp())
     with playwright_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(

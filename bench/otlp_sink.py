@@ -10,7 +10,7 @@ import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+from meshlet.dashboard.otlp_proto import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )

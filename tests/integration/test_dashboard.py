@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from meshlet.control.store import Store
 from meshlet.dashboard.otlp import OtlpReceiver
+from meshlet.dashboard.otlp_proto import (
+    AnyValue,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+    KeyValue,
+)
 from meshlet.dashboard.prometheus import PrometheusSource
 from meshlet.dashboard.scraper import Scraper, Target
 from meshlet.dashboard.server import Dashboard, DashboardHandler, MeshInfo

@@ -11,8 +11,7 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
+from meshlet.dashboard import otlp_proto as trace_service_pb2
 from meshlet.proxy.headers import Headers, RequestHead
 from meshlet.proxy.stream_info import StreamInfo
 from meshlet.proxy.telemetry.otlp_export import BATCH_SIZE, OtlpExporter

@@ -21,8 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
+from meshlet.dashboard import otlp_proto as trace_service_pb2
 from tests.integration.conftest import (
     Proxy,
     Upstream,

@@ -20,9 +20,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import json_format
 from hypothesis import given
 from hypothesis import strategies as st
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from meshlet.dashboard import otlp_proto as trace_pb2
+from meshlet.dashboard import otlp_proto as trace_service_pb2
 from meshlet.errors import ConfigError
 from meshlet.proxy.headers import Headers, RequestHead
 from meshlet.proxy.listener import compile_hcm

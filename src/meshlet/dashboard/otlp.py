@@ -27,14 +27,15 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2  # type: ignore[import-untyped]
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+
+from meshlet.dashboard.otlp_proto import (
+    AnyValue,
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+    KeyValue,
+    Status,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
-from opentelemetry.proto.trace.v1.trace_pb2 import Status
-
+from meshlet.dashboard.otlp_proto import Span as PbSpan
 from meshlet.dashboard.traces import Span, TraceStore
 from meshlet.web import Request, Response, WebServer, json_error
 

@@ -10,15 +10,16 @@ import json
 
 import pytest
 from google.rpc import status_pb2
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
-from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from meshlet.dashboard.otlp import JSON, PROTOBUF, OtlpHandler, decode_json, spans_of
+from meshlet.dashboard.otlp_proto import (
+    AnyValue,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+    KeyValue,
+    Status,
+)
+from meshlet.dashboard.otlp_proto import Span as PbSpan
 from meshlet.dashboard.traces import TraceStore
 from meshlet.web import Request
 

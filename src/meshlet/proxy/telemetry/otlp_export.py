@@ -45,7 +45,7 @@ _ENCODE_SLICE: Final = 64
 # ``ExportTraceServiceRequest`` written straight to the protobuf wire format: building the
 # opentelemetry-proto messages cost ~28 us a span (about a whole proxied request), this ~8 us.
 # Field numbers from opentelemetry/proto/{collector/trace,trace,common,resource}/v1/*.proto;
-# the tests decode what this writes with opentelemetry-proto itself.
+# the tests decode what this writes with the OTLP messages of meshlet.dashboard.otlp_proto.
 
 
 def _varint(n: int) -> bytes:

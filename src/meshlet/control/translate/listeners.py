@@ -94,31 +94,25 @@ def inbound_listener(view: ProxyView) -> listener_pb2.Listener:
     prepend_filters(hcm, [*jwt_filters(view), *authz_filters(view)])
     apply_telemetry(hcm, view, ListenerClass.SIDECAR_INBOUND)
     mode = inbound_mtls_mode(view)
-    if mode is None:
-        return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
-    ports = inbound_port_modes(view, mode)
+    ports = inbound_port_modes(view, mode) if mode is not None else {}
     modes = {mode, *ports.values()}
+    if not modes & {MTLSMode.STRICT, MTLSMode.PERMISSIVE}:  # no mTLS, or DISABLE everywhere
+        return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
     # Istio's inbound chains: mutual TLS with this workload's certificate, the peer's
     # certificate checked against the mesh's root and its identity passed on in XFCC; with
     # PERMISSIVE, plaintext on the same port too, told apart by the TLS inspector.
-    tls_needed = bool(modes & {MTLSMode.STRICT, MTLSMode.PERMISSIVE})
-    plain_needed = bool(modes & {MTLSMode.PERMISSIVE, MTLSMode.DISABLE})
     chains = []
-    if tls_needed:
-        mtls_hcm = hcm_pb2.HttpConnectionManager()
-        mtls_hcm.CopyFrom(hcm)
-        mtls_hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
-        mtls_hcm.set_current_client_cert_details.uri = True
-        mtls = _chain(mtls_hcm)
-        mtls.name = "inbound-mtls"
-        mtls.filter_chain_match.transport_protocol = "tls"
-        mtls.transport_socket.CopyFrom(inbound_mtls_socket())
-        chains.append(mtls)
-    if not plain_needed:
-        pass
-    elif not tls_needed:
-        return _listener(VIRTUAL_INBOUND, ip, INBOUND_PORT, [_chain(hcm)], base_pb2.INBOUND)
-    else:
+    mtls_hcm = hcm_pb2.HttpConnectionManager()
+    mtls_hcm.CopyFrom(hcm)
+    mtls_hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+    mtls_hcm.set_current_client_cert_details.uri = True
+    mtls = _chain(mtls_hcm)
+    mtls.name = "inbound-mtls"
+    mtls.filter_chain_match.transport_protocol = "tls"
+    mtls.transport_socket.CopyFrom(inbound_mtls_socket())
+    chains.append(mtls)
+    assert mode is not None  # else every mode would be None: returned above
+    if modes & {MTLSMode.PERMISSIVE, MTLSMode.DISABLE}:
         guard = plaintext_port_guard(mode, ports)
         if guard is not None:
             plain_hcm = hcm_pb2.HttpConnectionManager()
